@@ -1,0 +1,146 @@
+"""Small helpers shared by the passes: copying, checking, shapes and graph topology on plain onnx protos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+# The backward rules emit ScatterElements(reduction="add"), Split with a `split` input and ReduceSum with
+# an `axes` input, which need opset >= 16/13; older exports are upgraded once, in canonicalize.
+MIN_OPSET = 17
+# onnxruntime 1.31 loads IR <= 13; onnx.helper would otherwise stamp IR 14 on anything it builds.
+MIN_IR = 8
+
+
+class GraphPassError(ValueError):
+    """A pass was asked for something the graph cannot give (unknown tensor, unsupported op...)."""
+
+
+def clone(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+def checked(model: onnx.ModelProto, pass_name: str) -> onnx.ModelProto:
+    """Every pass ends here: its output must satisfy the ONNX checker before anyone runs it."""
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:  # checker raises several types; the pass name is what the user needs
+        raise GraphPassError(f"{pass_name}: produced an invalid model: {str(err).splitlines()[0]}") from err
+    return model
+
+
+def infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+
+
+def initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in graph.initializer}
+
+
+def const_value(graph: onnx.GraphProto, name: str, inits=None) -> np.ndarray | None:
+    """The numpy value of an initializer (or a Constant node output), else None."""
+    inits = inits if inits is not None else initializers(graph)
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+    return None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    elem_type: int
+    shape: tuple  # ints for static dims, None for symbolic/unknown ones; () for scalars; None if rank unknown
+
+    @property
+    def is_float(self) -> bool:
+        return self.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                                  onnx.TensorProto.BFLOAT16)
+
+
+def _shape_of(vtype) -> tuple | None:
+    tt = vtype.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+
+
+def tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    """Type and shape of every tensor in an already shape-inferred model."""
+    g = model.graph
+    out: dict[str, TensorInfo] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        out[vi.name] = TensorInfo(vi.name, vi.type.tensor_type.elem_type, _shape_of(vi.type))
+    for t in g.initializer:
+        out[t.name] = TensorInfo(t.name, t.data_type, tuple(t.dims))
+    for node in g.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    out[node.output[0]] = TensorInfo(node.output[0], attr.t.data_type, tuple(attr.t.dims))
+    return out
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: IR < 4 exports also list every initializer as an input."""
+    inits = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in inits]
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            if i:
+                out.setdefault(i, []).append(n)
+    return out
+
+
+def attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def unique_node_names(model: onnx.ModelProto) -> None:
+    """Reports and rules are keyed by node name, so every node gets one (in place, on a private copy)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def ancestors(graph: onnx.GraphProto, tensors) -> set[str]:
+    """Names of all tensors that the given tensors depend on (inclusive)."""
+    prod = producers(graph)
+    seen, stack = set(), list(tensors)
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        node = prod.get(t)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+    return seen

@@ -1,0 +1,241 @@
+"""canonicalize: bring any exported classifier to the small op set the backward and relevance rules know.
+
+Steps, each recorded in the returned report so users can see what changed in their model:
+1. upgrade to opset >= 17 (the backward rules need ScatterElements with reduction, Split with inputs);
+2. fold constants (Constant nodes, Identity-on-initializer chains, shape arithmetic on static shapes);
+3. drop Identity/Dropout;
+4. fold inference-mode BatchNormalization into the preceding Conv/Gemm when that is exact
+   (the producer has no other consumer and constant weights);
+5. absorb an NHWC input's Transpose(perm=[0,3,1,2]) so the graph takes NCHW and every map is NCHW;
+6. rewrite Reshape-to-(N, -1) of a known shape as Flatten(axis=1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper, version_converter
+
+from ._graph import (MIN_IR, MIN_OPSET, GraphPassError, attrs, checked, clone, consumers, graph_inputs, infer,
+                     initializers, opset_of, producers, tensor_infos, unique_node_names)
+
+META_ORIGINAL_LAYOUT = "onnx_saliency.original_input_layout"
+
+
+@dataclass
+class CanonicalizeReport:
+    opset_from: int = 0
+    opset_to: int = 0
+    removed: list[str] = field(default_factory=list)        # "Identity foo" lines
+    folded_bn: list[tuple[str, str]] = field(default_factory=list)  # (bn node, into node)
+    kept_bn: list[str] = field(default_factory=list)          # BN that could not be folded (e.g. after Concat)
+    absorbed_transpose: str | None = None
+    flattened: list[str] = field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"nodes: {self.nodes_before} -> {self.nodes_after}"]
+        if self.opset_from != self.opset_to:
+            out.append(f"opset upgraded {self.opset_from} -> {self.opset_to}")
+        out += [f"removed {r}" for r in self.removed]
+        out += [f"folded BatchNormalization {bn} into {into}" for bn, into in self.folded_bn]
+        out += [f"kept BatchNormalization {bn} (no foldable producer)" for bn in self.kept_bn]
+        if self.absorbed_transpose:
+            out.append(f"absorbed NHWC input transpose {self.absorbed_transpose}: the graph now takes NCHW")
+        out += [f"Reshape {r} -> Flatten(axis=1)" for r in self.flattened]
+        return out
+
+
+def canonicalize(model: onnx.ModelProto, *, fold_bn: bool = True, absorb_input_transpose: bool = True,
+                 return_report: bool = False):
+    """Return a canonical copy of `model` (the input is never modified)."""
+    report = CanonicalizeReport(nodes_before=len(model.graph.node), opset_from=opset_of(model))
+    m = clone(model)
+    m = _upgrade_opset(m)
+    report.opset_to = opset_of(m)
+    m = _fold_constants(m, report)
+    _drop_passthrough(m, report)
+    if fold_bn:
+        _fold_batchnorm(m, report)
+    else:
+        report.kept_bn = [n.name for n in m.graph.node if n.op_type == "BatchNormalization"]
+    if absorb_input_transpose:
+        _absorb_input_transpose(m, report)
+    m = infer(_strip_value_info(m))
+    _normalise_flatten(m, report)
+    unique_node_names(m)
+    m = infer(_strip_value_info(m))
+    report.nodes_after = len(m.graph.node)
+    m = checked(m, "canonicalize")
+    return (m, report) if return_report else m
+
+
+def _strip_value_info(m: onnx.ModelProto) -> onnx.ModelProto:
+    # stale shapes after rewiring would mislead shape inference; recompute them all
+    del m.graph.value_info[:]
+    return m
+
+
+def _upgrade_opset(m: onnx.ModelProto) -> onnx.ModelProto:
+    if opset_of(m) < MIN_OPSET:
+        try:
+            m = version_converter.convert_version(m, MIN_OPSET)
+        except Exception as err:
+            raise GraphPassError(f"canonicalize: cannot upgrade opset {opset_of(m)} to {MIN_OPSET}: "
+                                 f"{str(err).splitlines()[0]}") from err
+    if m.ir_version < MIN_IR:
+        m.ir_version = MIN_IR
+    # IR >= 4 no longer needs initializers listed as inputs; listing them makes them overridable at run time,
+    # which would stop onnxruntime from constant-folding the backward graph.
+    inits = {t.name for t in m.graph.initializer}
+    keep = [vi for vi in m.graph.input if vi.name not in inits]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    return m
+
+
+def _fold_constants(m: onnx.ModelProto, report: CanonicalizeReport) -> onnx.ModelProto:
+    graph = gs.import_onnx(infer(m))
+    before = {n.name or id(n): n.op for n in graph.nodes}
+    try:
+        graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+    except Exception as err:  # folding is an optimisation: a failure must not block the explanation
+        report.removed.append(f"(constant folding skipped: {str(err).splitlines()[0]})")
+        return m
+    after = {n.name or id(n) for n in graph.nodes}
+    report.removed += [f"{op} {name} (constant)" for name, op in before.items() if name not in after]
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = max(m.ir_version, MIN_IR)
+    del out.opset_import[:]
+    out.opset_import.extend(m.opset_import)
+    out.metadata_props.extend(m.metadata_props)
+    return out
+
+
+def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name == old:
+                n.input[i] = new
+
+
+def _drop_passthrough(m: onnx.ModelProto, report: CanonicalizeReport) -> None:
+    g = m.graph
+    outputs = {o.name for o in g.output}
+    for node in list(g.node):
+        if node.op_type not in ("Identity", "Dropout"):
+            continue
+        if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
+            continue  # its mask is consumed: leave it
+        src, dst = node.input[0], node.output[0]
+        if dst in outputs:
+            continue  # renaming a graph output would change the model's interface
+        _rewire(g, dst, src)
+        g.node.remove(node)
+        report.removed.append(f"{node.op_type} {node.name}")
+
+
+def _fold_batchnorm(m: onnx.ModelProto, report: CanonicalizeReport) -> None:
+    g = m.graph
+    inits = initializers(g)
+    prod, cons = producers(g), consumers(g)
+    outputs = {o.name for o in g.output}
+    for bn in [n for n in g.node if n.op_type == "BatchNormalization"]:
+        a = attrs(bn)
+        params = [inits.get(x) for x in bn.input[1:5]]
+        src = prod.get(bn.input[0])
+        foldable = (src is not None and src.op_type in ("Conv", "Gemm") and all(p is not None for p in params)
+                    and len(cons.get(bn.input[0], [])) == 1 and bn.input[0] not in outputs
+                    and a.get("training_mode", 0) == 0 and len([o for o in bn.output if o]) == 1)
+        if foldable and src.op_type == "Gemm":
+            ga = attrs(src)
+            foldable = ga.get("transA", 0) == 0 and ga.get("alpha", 1.0) == 1.0 and ga.get("beta", 1.0) == 1.0
+        if not foldable or src.input[1] not in inits or (len(src.input) > 2 and src.input[2]
+                                                          and src.input[2] not in inits):
+            report.kept_bn.append(bn.name)
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
+        scale = gamma / np.sqrt(var + a.get("epsilon", 1e-5))
+        w_t = inits[src.input[1]]
+        w = numpy_helper.to_array(w_t).astype(np.float64)
+        has_bias = len(src.input) > 2 and src.input[2]
+        b = numpy_helper.to_array(inits[src.input[2]]).astype(np.float64) if has_bias else np.zeros(len(scale))
+        if src.op_type == "Conv":
+            w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        elif attrs(src).get("transB", 0):
+            w = w * scale[:, None]
+        else:
+            w = w * scale[None, :]
+        b = np.broadcast_to(b, scale.shape)
+        b = (b - mean) * scale + beta
+        # fresh initializer names: the originals may be shared with other nodes
+        w_name, b_name = f"{src.name or src.output[0]}/W_bnfolded", f"{src.name or src.output[0]}/B_bnfolded"
+        g.initializer.append(numpy_helper.from_array(w.astype(numpy_helper.to_array(w_t).dtype), w_name))
+        g.initializer.append(numpy_helper.from_array(b.astype(np.float32), b_name))
+        src.input[1] = w_name
+        if has_bias:
+            src.input[2] = b_name
+        else:
+            src.input.append(b_name)
+        _rewire(g, bn.output[0], src.output[0])
+        # the BN output may be a graph output: then the producer takes over its name
+        if bn.output[0] in outputs:
+            old = src.output[0]
+            src.output[0] = bn.output[0]
+            _rewire(g, old, bn.output[0])
+        g.node.remove(bn)
+        report.folded_bn.append((bn.name, src.name))
+    _drop_unused_initializers(g)
+
+
+def _drop_unused_initializers(g: onnx.GraphProto) -> None:
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def _absorb_input_transpose(m: onnx.ModelProto, report: CanonicalizeReport) -> None:
+    g = m.graph
+    cons = consumers(g)
+    for vi in graph_inputs(m):
+        dims = vi.type.tensor_type.shape.dim
+        users = cons.get(vi.name, [])
+        if len(dims) != 4 or len(users) != 1 or users[0].op_type != "Transpose":
+            continue
+        tr = users[0]
+        if list(attrs(tr).get("perm", [])) != [0, 3, 1, 2]:
+            continue
+        n, h, w, c = list(dims)
+        new_dims = [onnx.TensorShapeProto.Dimension(), onnx.TensorShapeProto.Dimension(),
+                    onnx.TensorShapeProto.Dimension(), onnx.TensorShapeProto.Dimension()]
+        for new, old in zip(new_dims, (n, c, h, w)):
+            new.CopyFrom(old)
+        del vi.type.tensor_type.shape.dim[:]
+        vi.type.tensor_type.shape.dim.extend(new_dims)
+        _rewire(g, tr.output[0], vi.name)
+        g.node.remove(tr)
+        report.absorbed_transpose = tr.name
+        m.metadata_props.append(onnx.StringStringEntryProto(key=META_ORIGINAL_LAYOUT, value="NHWC"))
+
+
+def _normalise_flatten(m: onnx.ModelProto, report: CanonicalizeReport) -> None:
+    infos = tensor_infos(m)
+    for node in m.graph.node:
+        if node.op_type != "Reshape":
+            continue
+        src, dst = infos.get(node.input[0]), infos.get(node.output[0])
+        if not src or not dst or src.shape is None or dst.shape is None:
+            continue
+        if (len(src.shape) >= 3 and len(dst.shape) == 2 and all(d is not None for d in src.shape[1:])
+                and dst.shape[1] == int(np.prod(src.shape[1:]))):
+            node.op_type = "Flatten"
+            del node.input[1:]
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("axis", 1))
+            report.flattened.append(node.name)
+    _drop_unused_initializers(m.graph)

@@ -1,0 +1,65 @@
+"""Tiny ONNX graphs built with onnx.helper for tests (no shared files, no torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET, IR = 17, 8
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=OPSET):
+    """inputs/outputs: (name, shape) pairs of float32 tensors (None dims become symbolic)."""
+    def vi(name, shape):
+        dims = None if shape is None else [d if d is not None else f"{name}_d{i}" for i, d in enumerate(shape)]
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(initializers).items()]
+    graph = helper.make_graph(nodes, "test", [vi(*i) for i in inputs], [vi(*o) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR)
+    model = onnx.shape_inference.infer_shapes(model)
+    inferred = {v.name: v for v in model.graph.value_info}
+    for out in model.graph.output:  # outputs declared without a shape take the inferred one
+        if not out.type.tensor_type.HasField("shape") and out.name in inferred:
+            out.type.CopyFrom(inferred[out.name].type)
+    onnx.checker.check_model(model)
+    return model
+
+
+def session(model):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def run(model, feeds, outputs=None):
+    return session(model).run(outputs, feeds)
+
+
+def to_float64(model):
+    """The same graph in double precision, for onnx.reference (onnxruntime has no float64 Conv)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for vi in list(m.graph.input) + list(m.graph.output):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for i, t in enumerate(m.graph.initializer):
+        if t.data_type == TensorProto.FLOAT:
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+    return m
+
+
+class Float64Reference:
+    """Runs a float32 test graph in float64 with onnx's numpy reference evaluator."""
+
+    def __init__(self, model):
+        from onnx.reference import ReferenceEvaluator
+
+        self.ref = ReferenceEvaluator(to_float64(model))
+
+    def run(self, outputs, feeds):
+        feeds = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
+        return self.ref.run(outputs, feeds)
