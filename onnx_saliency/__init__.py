@@ -3,5 +3,6 @@
 __version__ = "0.1.0"
 
 from .errors import SaliencyError  # noqa: E402
+from .explainer import Explainer  # noqa: E402
 
-__all__ = ["SaliencyError", "__version__"]
+__all__ = ["Explainer", "SaliencyError", "__version__"]

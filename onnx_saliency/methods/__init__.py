@@ -1,0 +1,34 @@
+"""Method registry: name -> Method class. Aliases keep pytorch-grad-cam's spellings working."""
+
+from .base import Method, Request, Result
+from .cam import CAM_METHODS
+from .gradients import GRADIENT_METHODS
+
+METHODS = {cls.name: cls for cls in CAM_METHODS + GRADIENT_METHODS}
+ALIASES = {"grad-cam": "gradcam", "gradcampp": "gradcam++", "gradcam-plusplus": "gradcam++",
+           "score-cam": "scorecam", "eigen-cam": "eigencam", "layer-cam": "layercam", "xgrad-cam": "xgradcam",
+           "hires-cam": "hirescam", "ig": "integrated-gradients", "gxi": "gradient-x-input",
+           "saliency": "gradient", "vanilla-gradient": "gradient", "gbp": "guided-backprop",
+           "smooth-grad": "smoothgrad"}
+
+
+def register(cls):
+    """Add a Method subclass (used by the LRP and seed-method modules)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> Method:
+    from ..errors import SaliencyError
+
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in METHODS:
+        raise SaliencyError(f"-m {name!r}: unknown method; known: {', '.join(method_names())}")
+    return METHODS[key]()
+
+
+__all__ = ["Method", "Request", "Result", "METHODS", "get_method", "method_names", "register"]

@@ -1,0 +1,226 @@
+"""`onnx-saliency`: the Click front end. Parse, call the library, print, write; nothing else lives here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from onnx_saliency.errors import SaliencyError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def fail_cleanly(fn):
+    """Turn library errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from graph_passes import GraphPassError
+
+        try:
+            return fn(*args, **kwargs)
+        except SaliencyError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except GraphPassError as err:
+            click.echo(f"error: {' '.join(str(err).split())}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnx-saliency")
+def main():
+    """Saliency maps for image classifiers, from the exported ONNX file alone."""
+
+
+def _split_model_and_images(args: tuple[str, ...]):
+    from onnx_saliency.models import DEFAULT_MODEL_PATH, DEFAULT_SAMPLES_DIR
+
+    if args and args[0].lower().endswith(".onnx"):
+        model, rest = Path(args[0]), args[1:]
+    else:
+        model, rest = DEFAULT_MODEL_PATH, args
+    if not rest and model == DEFAULT_MODEL_PATH:
+        rest = (str(DEFAULT_SAMPLES_DIR),)
+    if not rest:
+        raise SaliencyError(f"no images given to explain with {model}")
+    return model, _expand_images(rest)
+
+
+def _expand_images(items) -> list[Path]:
+    images: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise SaliencyError(f"{p}: folder contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            images += found
+        elif p.is_file():
+            images.append(p)
+        else:
+            raise SaliencyError(f"{p}: no such image file or folder")
+    stems = [p.stem for p in images]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise SaliencyError(f"several images share the name {dupes[0]!r}; outputs are written per image stem")
+    return images
+
+
+def _parse_options(pairs) -> dict:
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SaliencyError(f"--option {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        options[key.strip()] = value
+    return options
+
+
+def _parse_target(target):
+    if target is None:
+        return None
+    parts = [t.strip() for t in target.split(",")]
+    return parts[0] if len(parts) == 1 else parts
+
+
+model_options = [
+    click.option("--preset", default=None, help="Preprocessing preset: torchvision, caffe, tf, efficientnet-lite, raw "
+                 "(default: from the model's metadata or the known-model manifest)."),
+    click.option("--resize", type=int, default=None, help="Resize the shorter side to this many pixels."),
+    click.option("--crop", type=int, default=None, help="Centre-crop size."),
+    click.option("--resize-mode", type=click.Choice(["shorter", "square", "none"]), default=None),
+    click.option("--labels", "labels", type=click.Path(), default=None,
+                 help="Class names: JSON list, Keras class-index JSON, or a text file with one name per line."),
+    click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+    click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads."),
+]
+
+
+def with_model_options(fn):
+    for opt in reversed(model_options):
+        fn = opt(fn)
+    return fn
+
+
+def _explainer(model, preset, resize, crop, resize_mode, labels, provider, threads):
+    from onnx_saliency import Explainer
+
+    return Explainer(model, preset=preset, provider=provider, threads=threads, labels=labels,
+                     resize=resize, crop=crop, resize_mode=resize_mode)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1)
+@click.option("-m", "--method", "methods", multiple=True, default=("gradcam",), show_default=True,
+              help="Method (repeatable). See `onnx-saliency methods`.")
+@click.option("--layer", "layers", multiple=True, help="Layer tensor/node name or index (repeatable; default auto).")
+@click.option("--target", default=None, help="top1 (default), a class index or label, or a comma list per image.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="saliency_out", show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE (e.g. n=50, steps=32).")
+@with_model_options
+@fail_cleanly
+def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, **model_kw):
+    """Explain IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model)."""
+    from onnx_saliency.methods import get_method
+    from onnx_saliency.report import write_outputs
+
+    if batch_size < 1:
+        raise SaliencyError(f"--batch-size {batch_size}: must be at least 1")
+    model, images = _split_model_and_images(inputs)
+    method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
+    options = _parse_options(option_pairs)
+    ex = _explainer(model, **model_kw)
+    layer_spec = list(layers) if layers else ["auto"]
+    for m in method_objs:
+        if m.uses_layer:
+            for spec in layer_spec:
+                ex.resolve_layer(spec)
+    from onnx_saliency.preprocess import load_image
+
+    pictures = [load_image(p) for p in images]  # every image is checked before anything is written
+    targets = ex.targets(_parse_target(target), len(images))
+    out = Path(out_dir)
+    chunks = [range(i, min(i + batch_size, len(images))) for i in range(0, len(images), batch_size)]
+    with click.progressbar(length=len(images) * len(method_objs), label="explaining", file=sys.stderr,
+                           hidden=len(images) * len(method_objs) < 2) as bar:
+        for chunk in chunks:
+            batch = [pictures[i] for i in chunk]
+            for m in method_objs:
+                result = ex.explain(batch, method=m.name, layer=layer_spec if len(layer_spec) > 1 else layer_spec[0],
+                                    target=[int(targets[i]) for i in chunk], batch_size=batch_size, **options)
+                write_outputs(ex, result, [images[i] for i in chunk], out, options)
+                bar.update(len(chunk))
+    click.echo(f"wrote {len(images)} image(s) x {len(method_objs)} method(s) to {out}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@with_model_options
+@fail_cleanly
+def layers(model, **model_kw):
+    """List candidate layers: tensor, producing node, op, shape (the auto choice is marked)."""
+    ex = _explainer(model, **model_kw)
+    auto = ex.resolve_layer("auto")
+    click.echo("tensor\tnode\top\tshape")
+    for layer in ex.layers():
+        click.echo(layer.describe() + ("\t(auto)" if layer.tensor == auto else ""))
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@with_model_options
+@click.option("--report", is_flag=True, help="Also print what canonicalisation did, node by node.")
+@fail_cleanly
+def info(model, report, **model_kw):
+    """Inputs, outputs, preprocessing, classes and op counts of MODEL."""
+    from collections import Counter
+
+    ex = _explainer(model, **model_kw)
+    m = ex.model
+    pre = ex.preprocessing
+    ops = Counter(n.op_type for n in m.canonical.graph.node)
+    known = m.known
+    click.echo(f"model        {m.path}")
+    click.echo(f"sha256       {m.sha256}")
+    if known:
+        click.echo(f"known as     {known.get('name')}")
+    click.echo(f"input        {m.input_name} ({m.layout}, {m.channels}x{m.input_hw[0]}x{m.input_hw[1]})")
+    click.echo(f"output       {m.output_name}; explaining {m.score_tensor} ({m.num_classes} classes)")
+    click.echo(f"preprocess   preset={pre.preset} resize={pre.resize} crop={pre.crop} mode={pre.resize_mode}")
+    click.echo(f"labels       {'yes' if m.labels else 'none'}")
+    click.echo(f"auto layer   {ex.resolve_layer('auto')}")
+    click.echo(f"ops          {', '.join(f'{k} {v}' for k, v in sorted(ops.items()))}")
+    if report:
+        for line in m.report.lines():
+            click.echo(f"rewrite      {line}")
+
+
+@main.command("methods")
+def list_methods():
+    """List the available methods."""
+    from onnx_saliency.methods import METHODS
+
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        doc = (cls.__doc__ or "").strip().splitlines()
+        click.echo(f"{name:24s} {'layer' if cls.uses_layer else 'pixel'}  {doc[0] if doc else ''}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The public API: Explainer(path).explain(inputs, method=...) -> Result, numpy in, numpy out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .engine import Engine
+from .errors import SaliencyError
+from .layers import Layer, candidate_layers, resolve_layer
+from .methods import Result, get_method
+from .methods.base import Request
+from .model import LoadedModel, load_model
+from .preprocess import Preprocessing, load_image, prepare
+
+
+class Explainer:
+    """Explain one ONNX classifier. Sessions are cached per rewritten graph for the Explainer's lifetime."""
+
+    def __init__(self, path, preset: str | None = None, provider: str = "cpu", threads: int | None = None,
+                 labels=None, **preprocessing_overrides):
+        self.model: LoadedModel = load_model(path)
+        self.engine = Engine(self.model, provider=provider, threads=threads)
+        pre = self.model.preprocessing()
+        self.preprocessing: Preprocessing = pre.with_overrides(preset=preset, **preprocessing_overrides)
+        if labels is not None:
+            self.model.labels = load_labels(labels)
+
+    # --- introspection ----------------------------------------------------------------------------------
+    def layers(self) -> list[Layer]:
+        return candidate_layers(self.model)
+
+    def resolve_layer(self, spec: str | None) -> str:
+        return resolve_layer(self.model, spec)
+
+    # --- inputs -----------------------------------------------------------------------------------------
+    def prepare(self, inputs) -> tuple[np.ndarray, np.ndarray | None]:
+        """-> (batch in the canonical NCHW layout, display images uint8 RGB or None for float input)."""
+        if isinstance(inputs, np.ndarray) and inputs.dtype == np.float32 and inputs.ndim == 4:
+            return self._check_float_batch(inputs), None
+        if isinstance(inputs, (str, Path)) or (isinstance(inputs, np.ndarray) and inputs.ndim == 3):
+            inputs = [inputs]
+        images = [load_image(i) if isinstance(i, (str, Path)) else _as_uint8(i) for i in inputs]
+        batch, display = prepare(images, self.preprocessing)
+        return self._check_float_batch(batch, from_images=True), display
+
+    def _check_float_batch(self, x: np.ndarray, from_images: bool = False) -> np.ndarray:
+        m = self.model
+        if not from_images and m.layout == "NHWC":
+            x = x.transpose(0, 3, 1, 2)  # the user's array is in the original model's layout
+        expected = (m.channels, *m.input_hw)
+        if x.shape[1] != expected[0] or any(e is not None and e != d for e, d in zip(expected[1:], x.shape[2:])):
+            want = "x".join("?" if d is None else str(d) for d in expected)
+            got = x.shape if m.layout == "NCHW" or from_images else x.transpose(0, 2, 3, 1).shape
+            raise SaliencyError(f"input array has shape {tuple(got)}; {m.path.name} expects (N, {want}) "
+                                f"in {m.layout if not from_images else 'NCHW'} layout")
+        if not np.isfinite(x).all():
+            raise SaliencyError("input array contains NaN or Inf")
+        return np.ascontiguousarray(x, np.float32)
+
+    def targets(self, target, n: int) -> np.ndarray:
+        """None/'top1' -> -1 (resolved in-graph); an int, a label name, or a list of those per image."""
+        if target is None or (isinstance(target, str) and target.lower() in ("top1", "top-1", "auto")):
+            return np.full(n, -1, np.int64)
+        items = list(target) if isinstance(target, (list, tuple, np.ndarray)) else [target] * n
+        if len(items) != n:
+            raise SaliencyError(f"--target: {len(items)} targets for {n} images")
+        return np.array([self._class_index(t) for t in items], np.int64)
+
+    def _class_index(self, t) -> int:
+        if isinstance(t, (int, np.integer)) or (isinstance(t, str) and t.lstrip("-").isdigit()):
+            i = int(t)
+            if not 0 <= i < self.model.num_classes and i != -1:
+                raise SaliencyError(f"--target {t}: class index out of range 0..{self.model.num_classes - 1}")
+            return i
+        labels = [str(label).lower() for label in (self.model.labels or [])]
+        if str(t).lower() in labels:
+            return labels.index(str(t).lower())
+        raise SaliencyError(f"--target {t!r}: not a class index and not a known label"
+                            + ("" if labels else " (the model has no labels; pass --labels FILE)"))
+
+    # --- explaining -------------------------------------------------------------------------------------
+    def explain(self, inputs, method: str = "gradcam", layer="auto", target=None, batch_size: int = 32,
+                **options) -> Result:
+        x, display = self.prepare(inputs)
+        m = get_method(method)
+        specs = layer if isinstance(layer, (list, tuple)) else [layer]
+        layers = [self.resolve_layer(s) for s in specs] if m.uses_layer else []
+        req = Request(self.engine, x, self.targets(target, len(x)), layers, options, batch_size)
+        result = m.explain(req)
+        result.display = display
+        return result
+
+    def predict(self, inputs, batch_size: int = 32) -> np.ndarray:
+        x, _ = self.prepare(inputs)
+        return self.engine.forward(x, batch_size)[self.model.score_tensor]
+
+
+def _as_uint8(img) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise SaliencyError(f"image arrays must be uint8 HxWx3 RGB, got {img.dtype} {img.shape}")
+    return img
+
+
+def load_labels(source) -> list[str]:
+    """Labels from a list, a JSON list, a Keras-style class-index JSON, or a text file (one per line)."""
+    if isinstance(source, (list, tuple)):
+        return [str(s) for s in source]
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise SaliencyError(f"--labels {path}: cannot read ({err.strerror})") from err
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SaliencyError(f"--labels {path}: invalid JSON ({err.msg} at line {err.lineno})") from err
+        if isinstance(data, list):
+            return [str(s) for s in data]
+        if isinstance(data, dict):
+            try:
+                return [str(v[-1] if isinstance(v, list) else v) for _, v in sorted(data.items(), key=lambda kv: int(kv[0]))]
+            except ValueError as err:
+                raise SaliencyError(f"--labels {path}: keys must be class indices") from err
+        raise SaliencyError(f"--labels {path}: expected a list or an index -> name mapping")
+    return [line.strip() for line in text.splitlines() if line.strip()]

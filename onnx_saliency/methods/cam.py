@@ -1,0 +1,208 @@
+"""The CAM family: one small class per method, overriding how the layer map is computed from A and dY/dA.
+
+Post-processing follows pytorch-grad-cam: per layer ReLU, per-image min-max, bilinear resize to the input;
+several layers are averaged and min-maxed again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import numpy_helper
+
+from graph_passes import grad_name
+from graph_passes._graph import attrs, consumers, initializers
+
+from ..errors import SaliencyError
+from ..postprocess import scale_cam_image
+from .base import Method, Request, Result
+
+
+def bilinear_align_corners(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, K, h, w) -> (N, K, H, W) bilinear with align_corners=True (torch's UpsamplingBilinear2d)."""
+    n, k, h, w = maps.shape
+    H, W = size
+
+    def axis(src, dst):
+        pos = np.zeros(dst) if dst == 1 or src == 1 else np.arange(dst) * (src - 1) / (dst - 1)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, src - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    y0, y1, fy = axis(h, H)
+    x0, x1, fx = axis(w, W)
+    top = maps[:, :, y0][..., x0] * (1 - fx) + maps[:, :, y0][..., x1] * fx
+    bottom = maps[:, :, y1][..., x0] * (1 - fx) + maps[:, :, y1][..., x1] * fx
+    return (top * (1 - fy)[:, None] + bottom * fy[:, None]).astype(np.float32)
+
+
+class CAMMethod(Method):
+    """Base: run once with the layer exposed (and its gradient if `uses_gradients`), then combine."""
+
+    uses_gradients = True
+
+    def layer_map(self, A: np.ndarray, G: np.ndarray | None, req: Request, out: dict, layer: str) -> np.ndarray:
+        weights = self.weights(A, G)
+        return np.einsum("nk,nkhw->nhw", weights, A)
+
+    def weights(self, A, G):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def explain(self, req: Request) -> Result:
+        if not req.layers:
+            raise SaliencyError(f"-m {self.name}: needs a layer (--layer)")
+        wrt = req.layers if self.uses_gradients else ()
+        out = req.engine.run(req.x, req.targets, expose=req.layers, wrt=wrt, batch_size=req.batch_size)
+        per_layer, raws = [], []
+        for layer in req.layers:
+            A = out[layer]
+            if A.ndim != 4:
+                raise SaliencyError(f"-m {self.name}: layer {layer!r} has shape {A.shape}, expected (N, C, h, w)")
+            G = out[grad_name(layer)] if self.uses_gradients else None
+            cam = np.maximum(self.layer_map(A, G, req, out, layer), 0).astype(np.float32)
+            raws.append(cam)
+            per_layer.append(scale_cam_image(cam, req.size))
+        maps = per_layer[0] if len(per_layer) == 1 else scale_cam_image(np.mean(per_layer, axis=0))
+        return Result(self.name, maps.astype(np.float32), out["target_class"], out["target_score"],
+                      layers=list(req.layers), raw=raws[-1] if len(raws) == 1 else None)
+
+
+class GradCAM(CAMMethod):
+    name = "gradcam"
+
+    def weights(self, A, G):
+        return G.mean(axis=(2, 3))
+
+
+class GradCAMPlusPlus(CAMMethod):
+    name = "gradcam++"
+
+    def weights(self, A, G):
+        g2, g3 = G ** 2, G ** 3
+        sum_a = A.sum(axis=(2, 3))[:, :, None, None]
+        aij = g2 / (2 * g2 + sum_a * g3 + 1e-6)
+        aij = np.where(G != 0, aij, 0)
+        return (np.maximum(G, 0) * aij).sum(axis=(2, 3))
+
+
+class XGradCAM(CAMMethod):
+    name = "xgradcam"
+
+    def weights(self, A, G):
+        sum_a = A.sum(axis=(2, 3))[:, :, None, None]
+        return (G * A / (sum_a + 1e-7)).sum(axis=(2, 3))
+
+
+class LayerCAM(CAMMethod):
+    name = "layercam"
+
+    def layer_map(self, A, G, req, out, layer):
+        return (np.maximum(G, 0) * A).sum(axis=1)
+
+
+class HiResCAM(CAMMethod):
+    name = "hirescam"
+
+    def layer_map(self, A, G, req, out, layer):
+        return (G * A).sum(axis=1)
+
+
+class GradCAMElementWise(CAMMethod):
+    name = "gradcam-elementwise"
+
+    def layer_map(self, A, G, req, out, layer):
+        return np.maximum(G * A, 0).sum(axis=1)
+
+
+class EigenCAM(CAMMethod):
+    """First principal component of the (centred) activations; no gradients, sign as the SVD returns it."""
+
+    name = "eigencam"
+    uses_gradients = False
+
+    def layer_map(self, A, G, req, out, layer):
+        maps = []
+        for a in np.nan_to_num(A):
+            flat = a.reshape(a.shape[0], -1).T
+            flat = flat - flat.mean(axis=0)
+            _, _, vt = np.linalg.svd(flat, full_matrices=False)
+            maps.append((flat @ vt[0]).reshape(a.shape[1:]))
+        return np.float32(maps)
+
+
+class CAM(CAMMethod):
+    """Zhou et al.: sum_k w_k^c A_k with w^c the classifier row; only for global-pool + linear heads."""
+
+    name = "cam"
+    uses_gradients = False
+
+    def layer_map(self, A, G, req, out, layer):
+        W = linear_head_weights(req.engine.model, layer)
+        return np.einsum("nk,nkhw->nhw", W[out["target_class"]], A)
+
+
+def linear_head_weights(model, layer: str) -> np.ndarray:
+    """(classes, K) weights of a GAP -> [flatten] -> Gemm/MatMul [+ bias] head that starts at `layer`."""
+    g = model.canonical.graph
+    cons, inits = consumers(g), initializers(g)
+    path_error = SaliencyError(f"-m cam: {layer!r} is not followed by global average pooling and one linear "
+                               "layer; use gradcam (equal to CAM on such heads) or pick the last conv layer")
+    t = layer
+    nodes = cons.get(t, [])
+    if len(nodes) != 1 or nodes[0].op_type not in ("GlobalAveragePool", "ReduceMean", "AveragePool"):
+        raise path_error
+    t = nodes[0].output[0]
+    while True:
+        nodes = cons.get(t, [])
+        if len(nodes) != 1:
+            raise path_error
+        node = nodes[0]
+        if node.op_type in ("Flatten", "Reshape", "Squeeze"):
+            t = node.output[0]
+            continue
+        break
+    if node.op_type == "Gemm" and node.input[1] in inits:
+        w = numpy_helper.to_array(inits[node.input[1]])
+        return (w if attrs(node).get("transB", 0) else w.T) * attrs(node).get("alpha", 1.0)
+    if node.op_type == "MatMul" and node.input[1] in inits:
+        return numpy_helper.to_array(inits[node.input[1]]).T
+    raise path_error
+
+
+class ScoreCAM(CAMMethod):
+    """Channel weights from the scores of the input masked by each upsampled, normalised channel.
+
+    variant "pgc" (default, pytorch-grad-cam): softmax over channels of the masked target logits.
+    variant "official" (Wang et al. code): softmax probability of the target class for each masked input.
+    All masked inputs of a batch go through the plain forward graph in chunks of `batch_size`.
+    """
+
+    name = "scorecam"
+    uses_gradients = False
+
+    def layer_map(self, A, G, req, out, layer):
+        variant = req.option("variant", "pgc")
+        if variant not in ("pgc", "official"):
+            raise SaliencyError(f"--option variant={variant!r}: scorecam variants are 'pgc' and 'official'")
+        n, k = A.shape[:2]
+        up = bilinear_align_corners(A, req.size)
+        flat = up.reshape(n, k, -1)
+        mins, maxs = flat.min(-1)[:, :, None, None], flat.max(-1)[:, :, None, None]
+        masks = (up - mins) / (maxs - mins + 1e-8)
+        targets = out["target_class"]
+        weights = np.zeros((n, k), np.float32)
+        engine, score = req.engine, req.engine.model.score_tensor
+        for i in range(n):
+            masked = req.x[i][None] * masks[i][:, None]  # (K, C, H, W)
+            logits = engine.run(masked, np.full(k, targets[i], np.int64), batch_size=req.batch_size,
+                                outputs=[score])[score]
+            if variant == "pgc":
+                s = logits[:, targets[i]]
+                e = np.exp(s - s.max())
+                weights[i] = e / e.sum()
+            else:
+                p = np.exp(logits - logits.max(1, keepdims=True))
+                weights[i] = (p / p.sum(1, keepdims=True))[:, targets[i]]
+        return np.einsum("nk,nkhw->nhw", weights, A)
+
+
+CAM_METHODS = [CAM, GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, GradCAMElementWise, ScoreCAM, EigenCAM]
