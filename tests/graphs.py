@@ -63,3 +63,31 @@ class Float64Reference:
     def run(self, outputs, feeds):
         feeds = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
         return self.ref.run(outputs, feeds)
+
+
+def tiny_classifier(path, classes=4, size=16, extra_node=None):
+    """conv -> relu -> maxpool -> conv -> relu -> GAP -> flatten -> gemm, saved to `path` with metadata."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["a1"], name="relu1"),
+        helper.make_node("MaxPool", ["a1"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], name="pool"),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["a2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["a2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1, name="fc"),
+    ]
+    if extra_node is not None:
+        nodes.insert(2, extra_node)
+    inits = {"w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3,
+             "b1": rng.standard_normal(8).astype(np.float32) * 0.1,
+             "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2,
+             "b2": rng.standard_normal(8).astype(np.float32) * 0.1,
+             "fc": rng.standard_normal((classes, 8)).astype(np.float32)}
+    model = make_model(nodes, [("input", (None, 3, size, size))], [("logits", (None, classes))], inits)
+    for key, value in {"onnx_saliency.preset": "tf", "onnx_saliency.resize": str(size),
+                       "onnx_saliency.crop": str(size)}.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    onnx.save(model, str(path))
+    return path
