@@ -133,9 +133,13 @@ def _explainer(model, preset, resize, crop, resize_mode, labels, provider, threa
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="saliency_out", show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE (e.g. n=50, steps=32).")
+@click.option("--composite", default=None, help="LRP composite (see `onnx-saliency rules --help`).")
+@click.option("--rule-map", type=click.Path(), default=None, help="LRP rule map file (JSON) mapping nodes to rules.")
+@click.option("--report", is_flag=True, help="Print what canonicalisation did and, for LRP, a conservation table.")
 @with_model_options
 @fail_cleanly
-def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, **model_kw):
+def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, composite, rule_map, report,
+            **model_kw):
     """Explain IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model)."""
     from onnx_saliency.methods import get_method
     from onnx_saliency.report import write_outputs
@@ -145,7 +149,16 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     model, images = _split_model_and_images(inputs)
     method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
     options = _parse_options(option_pairs)
+    if composite is not None:
+        options["composite"] = composite
+    if rule_map is not None:
+        if not Path(rule_map).is_file():
+            raise SaliencyError(f"--rule-map {rule_map}: no such file")
+        options["rule_map"] = rule_map
     ex = _explainer(model, **model_kw)
+    if report:
+        for line in ex.model.report.lines():
+            click.echo(f"rewrite  {line}")
     layer_spec = list(layers) if layers else ["auto"]
     for m in method_objs:
         if m.uses_layer:
@@ -165,6 +178,9 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
                 result = ex.explain(batch, method=m.name, layer=layer_spec if len(layer_spec) > 1 else layer_spec[0],
                                     target=[int(targets[i]) for i in chunk], batch_size=batch_size, **options)
                 write_outputs(ex, result, [images[i] for i in chunk], out, options)
+                if report:
+                    for note in result.notes:
+                        click.echo(f"{m.name}  {note}", err=True)
                 bar.update(len(chunk))
     click.echo(f"wrote {len(images)} image(s) x {len(method_objs)} method(s) to {out}")
 
@@ -209,6 +225,27 @@ def info(model, report, **model_kw):
     if report:
         for line in m.report.lines():
             click.echo(f"rewrite      {line}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--composite", default="epsilon-plus-flat", show_default=True)
+@click.option("--rule-map", type=click.Path(), default=None, help="JSON rule map (overrides --composite).")
+@with_model_options
+@fail_cleanly
+def rules(model, composite, rule_map, **model_kw):
+    """Print the LRP rule of every node, folded BatchNorms, residual Adds and nodes without a rule."""
+    from onnx_saliency import lrp
+
+    ex = _explainer(model, **model_kw)
+    comp = lrp.resolve_composite(ex.engine, composite, rule_map)
+    lines = lrp.rule_report(ex.model, comp)
+    for line in lines:
+        click.echo(line)
+    missing = [line for line in lines if "NO RULE" in line]
+    if missing:
+        raise SaliencyError(f"{len(missing)} node(s) have no relevance rule: "
+                            + ", ".join(line.split("\t")[0] + f" ({line.split(chr(9))[1]})" for line in missing))
 
 
 @main.command("methods")

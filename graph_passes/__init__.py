@@ -6,6 +6,7 @@ from .expose import expose_tensors
 from .targets import RESOLVED, SEED, TARGET_SCORE, TARGETS_INPUT, append_target_seed
 from .vjp import UnsupportedOpsError, append_vjp, grad_name, supported_ops
 from . import vjp_rules
+from . import lrp  # noqa: E402  LRP rules as data, append_lrp
 
 __all__ = ["GraphPassError", "CanonicalizeReport", "canonicalize", "expose_tensors", "append_target_seed",
            "append_vjp", "grad_name", "supported_ops", "UnsupportedOpsError", "vjp_rules",

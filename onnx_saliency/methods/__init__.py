@@ -31,4 +31,6 @@ def get_method(name: str) -> Method:
     return METHODS[key]()
 
 
+from . import lrp as _lrp  # noqa: E402,F401  registers lrp, excitation-backprop (needs register above)
+
 __all__ = ["Method", "Request", "Result", "METHODS", "get_method", "method_names", "register"]

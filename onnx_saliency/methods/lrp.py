@@ -1,0 +1,58 @@
+"""LRP methods: `lrp` (any composite or rule map; signed relevance) and `excitation-backprop` (MWP)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import lrp as L
+from . import register
+from .base import Method, Request, Result
+
+
+class LRP(Method):
+    """Options: composite (default epsilon-plus-flat), rule_map (JSON/YAML file), init (logit | one |
+    contrastive | sglrp), low/high (z^B bounds; default from the model's preprocessing)."""
+
+    name = "lrp"
+    uses_layer = False
+    default_composite = "epsilon-plus-flat"
+    default_init = "logit"
+
+    def relevance(self, req: Request) -> dict:
+        low, high = req.options.get("low"), req.options.get("high")
+        comp = L.resolve_composite(req.engine, req.option("composite", self.default_composite),
+                                   req.options.get("rule_map"), low, high)
+        return L.relevance_at(req.engine, req.x, req.targets, composite=comp,
+                              init=req.option("init", self.default_init), batch_size=req.batch_size)
+
+    def to_map(self, rel: np.ndarray) -> np.ndarray:
+        return rel.sum(axis=1)
+
+    def explain(self, req: Request) -> Result:
+        out = self.relevance(req)
+        rel = out["relevance"][req.engine.model.input_name].astype(np.float32)
+        notes = [f"composite {out['composite']}, init {req.option('init', self.default_init)}",
+                 "conservation: sum R(input) / start = " + ", ".join(
+                     f"{s:.4g}" for s in rel.reshape(len(rel), -1).sum(1) / np.where(out["start"] == 0, 1, out["start"]))]
+        return Result(self.name, self.to_map(rel).astype(np.float32), out["targets"], out["target_score"],
+                      attributions=rel, signed=self.signed, options={"composite": out["composite"],
+                                                                     "init": req.option("init", self.default_init)},
+                      notes=notes)
+
+    signed = True
+
+
+class ExcitationBackprop(LRP):
+    """Zhang et al. MWP as zennit's ExcitationBackprop composite, one-hot 1 initial relevance; map ReLU(sum_c)."""
+
+    name = "excitation-backprop"
+    default_composite = "excitation-backprop"
+    default_init = "one"
+    signed = False
+
+    def to_map(self, rel):
+        return np.maximum(rel.sum(axis=1), 0)
+
+
+register(LRP)
+register(ExcitationBackprop)
