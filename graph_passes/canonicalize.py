@@ -7,7 +7,10 @@ Steps, each recorded in the returned report so users can see what changed in the
 4. fold inference-mode BatchNormalization into the preceding Conv/Gemm when that is exact
    (the producer has no other consumer and constant weights);
 5. absorb an NHWC input's Transpose(perm=[0,3,1,2]) so the graph takes NCHW and every map is NCHW;
-6. rewrite Reshape-to-(N, -1) of a known shape as Flatten(axis=1).
+6. rewrite Reshape-to-(N, -1) of a known shape as Flatten(axis=1);
+7. only with fuse_affine=True (audits): fold bias Adds, MatMul+Add heads and per-channel Mul/Add (a
+   decomposed BatchNorm) into their Conv/Gemm (see fuse_affine.py), so that two exports of one network
+   canonicalise to the same layers.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from onnx import helper, numpy_helper, version_converter
 
 from ._graph import (MIN_IR, MIN_OPSET, GraphPassError, attrs, checked, clone, consumers, graph_inputs, infer,
                      initializers, opset_of, producers, tensor_infos, unique_node_names)
+from .fuse_affine import fuse_affine as fuse_affine_pass
 
 META_ORIGINAL_LAYOUT = "onnx_saliency.original_input_layout"
 
@@ -34,6 +38,7 @@ class CanonicalizeReport:
     kept_bn: list[str] = field(default_factory=list)          # BN that could not be folded (e.g. after Concat)
     absorbed_transpose: str | None = None
     flattened: list[str] = field(default_factory=list)
+    fused_affine: list[str] = field(default_factory=list)     # one line per node fuse_affine folded or kept
     nodes_before: int = 0
     nodes_after: int = 0
 
@@ -47,12 +52,15 @@ class CanonicalizeReport:
         if self.absorbed_transpose:
             out.append(f"absorbed NHWC input transpose {self.absorbed_transpose}: the graph now takes NCHW")
         out += [f"Reshape {r} -> Flatten(axis=1)" for r in self.flattened]
+        out += self.fused_affine
         return out
 
 
 def canonicalize(model: onnx.ModelProto, *, fold_bn: bool = True, absorb_input_transpose: bool = True,
-                 return_report: bool = False):
-    """Return a canonical copy of `model` (the input is never modified)."""
+                 fuse_affine: bool = False, return_report: bool = False):
+    """Return a canonical copy of `model` (the input is never modified).
+
+    fuse_affine is off by default so that methods see the layers the user exported; audits turn it on."""
     report = CanonicalizeReport(nodes_before=len(model.graph.node), opset_from=opset_of(model))
     m = clone(model)
     m = _upgrade_opset(m)
@@ -67,7 +75,9 @@ def canonicalize(model: onnx.ModelProto, *, fold_bn: bool = True, absorb_input_t
         _absorb_input_transpose(m, report)
     m = infer(_strip_value_info(m))
     _normalise_flatten(m, report)
-    unique_node_names(m)
+    unique_node_names(m)  # the fusion log names nodes
+    if fuse_affine:
+        m = fuse_affine_pass(infer(_strip_value_info(m)), report.fused_affine)
     m = infer(_strip_value_info(m))
     report.nodes_after = len(m.graph.node)
     m = checked(m, "canonicalize")
@@ -98,8 +108,18 @@ def _upgrade_opset(m: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+# onnx-graphsurgeon 0.6 does not fold a constant whose tensor name is also a node's name (Cast "fc" feeding the
+# Gemm named "fc", as in fp16-weight copies): such nodes carry this suffix while folding
+_NODE_SUFFIX = "::node"
+
+
 def _fold_constants(m: onnx.ModelProto, report: CanonicalizeReport) -> onnx.ModelProto:
-    graph = gs.import_onnx(infer(m))
+    tensors = {t.name for t in m.graph.initializer} | {t for n in m.graph.node for t in [*n.input, *n.output]}
+    proto = clone(m)
+    for node in proto.graph.node:
+        if node.name in tensors:
+            node.name += _NODE_SUFFIX
+    graph = gs.import_onnx(infer(proto))
     before = {n.name or id(n): n.op for n in graph.nodes}
     try:
         graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
@@ -107,8 +127,11 @@ def _fold_constants(m: onnx.ModelProto, report: CanonicalizeReport) -> onnx.Mode
         report.removed.append(f"(constant folding skipped: {str(err).splitlines()[0]})")
         return m
     after = {n.name or id(n) for n in graph.nodes}
-    report.removed += [f"{op} {name} (constant)" for name, op in before.items() if name not in after]
+    report.removed += [f"{op} {str(name).removesuffix(_NODE_SUFFIX)} (constant)" for name, op in before.items()
+                       if name not in after]
     out = gs.export_onnx(graph, do_type_check=False)
+    for node in out.graph.node:
+        node.name = node.name.removesuffix(_NODE_SUFFIX)
     out.ir_version = max(m.ir_version, MIN_IR)
     del out.opset_import[:]
     out.opset_import.extend(m.opset_import)

@@ -133,7 +133,10 @@ def Pass() -> LRPRule:
 
 
 def Norm(stabilizer: float = 1e-6) -> LRPRule:
-    """Proportional redistribution: R_i = x_i R / stab(y) through Add/Sum/Sub and average pools."""
+    """Proportional redistribution: R_i = x_i R / stab(y) through Add/Sum/Sub and average pools. On a kept
+    BatchNormalization (one not fused into a linear layer) it is the epsilon rule of the per-channel affine map,
+    R_in = x * scale * R / stab(y), like zennit's Epsilon on a BatchNorm module: unlike Pass, the relevance stays
+    proportional to the activation, which keeps a later Norm on a signed sum well conditioned."""
     return LRPRule("norm", kind="norm", eps=stabilizer)
 
 
@@ -320,6 +323,8 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
             lo = const(node.input[1])
             if lo is not None and float(lo) >= 0:
                 a.nonneg.add(node.output[0])
+        elif op in ("Add", "Sum") and all(i in a.nonneg for i in node.input):
+            a.nonneg.add(node.output[0])
         elif op in _NONNEG_PRESERVING and all(i in a.nonneg for i in node.input[:1] if i) and (
                 op != "Concat" or all(i in a.nonneg for i in node.input)):
             if op == "Pad":
@@ -333,8 +338,13 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
 
 # --- emission -----------------------------------------------------------------------------------------------
 
-def _stab_div(b, r: str, z: str, eps: float) -> str:
-    """r / (z + eps * sign0(z)) with sign0(0) = +1 (zennit's stabiliser); eps = 0: r / z, and 0 where z = 0."""
+def _stab_div(b, r: str, z: str, eps: float, nonneg: bool = False) -> str:
+    """r / (z + eps * sign0(z)) with sign0(0) = +1 (zennit's stabiliser); eps = 0: r / z, and 0 where z = 0.
+
+    nonneg: z is known >= 0, so sign0(z) = +1 everywhere and the Less/Where pair (the slowest part of the
+    stabiliser in onnxruntime) is not needed; the values are the same."""
+    if eps and nonneg:
+        return b.add("Div", [r, b.add("Add", [z, b.const(eps)])])
     if eps:
         shift = b.add("Where", [b.add("Less", [z, b.const(0.0)]), b.const(-eps), b.const(eps)])
         return b.add("Div", [r, b.add("Add", [z, shift])])
@@ -377,6 +387,10 @@ class _Linear:
                 gamma, beta, mean, var = (b.value(i).astype(np.float64) for i in tail.input[1:5])
                 s = gamma / np.sqrt(var + attrs(tail).get("epsilon", 1e-5))
                 scale, shift = scale * s, shift * s + beta - mean * s
+        # (initializer, transB) computing s @ W^T from the graph's own weight; None once the weight is rescaled
+        self.original_weight = None
+        if op != "Conv" and not layer.tails and (op == "MatMul" or attrs(node).get("alpha", 1.0) == 1.0):
+            self.original_weight = (node.input[1], 0 if op == "Gemm" and attrs(node).get("transB", 0) else 1)
         if layer.tails:
             if op == "Conv":
                 self.w = self.w * scale.reshape((-1,) + (1,) * (self.w.ndim - 1))
@@ -414,16 +428,33 @@ class _Linear:
         y = b.add("MatMul", [inp, b.const(w)])
         return b.add("Add", [y, b.const(bias)]) if bias is not None else y
 
-    def transpose(self, s: str, w: np.ndarray) -> str:
+    def transpose(self, s: str, w: np.ndarray, kind: str = "") -> str:
+        """W^T s for the (modified) weight w; `kind` "w" with no fused tail may reuse the graph's own weight."""
         b, node = self.b, self.node
         if node.op_type == "Conv":
             from .vjp_rules import _spatial, _transpose_geometry
 
             kernel = list(attrs(node).get("kernel_shape", w.shape[2:]))
+            group = attrs(node).get("group", 1)
             xs, ys, strides, dil, begins, ends = _spatial(b, node, node.input[0], node.output[0], kernel)
+            k_eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+            if all(st == 1 for st in strides) and all(0 <= p <= k - 1 for p, k in zip(begins + ends, k_eff * 2)):
+                # stride 1: the transpose is a Conv with the flipped kernel, transposed per group and padded
+                # k_eff - 1 - pad; onnxruntime runs Conv several times faster than ConvTranspose
+                m, cg = w.shape[:2]
+                wt = w.reshape((group, m // group, cg) + w.shape[2:]).swapaxes(1, 2)
+                wt = wt[(slice(None),) * 3 + (slice(None, None, -1),) * len(kernel)]
+                wt = np.ascontiguousarray(wt.reshape((group * cg, m // group) + w.shape[2:]))
+                pads = [k - 1 - p for k, p in zip(k_eff, begins)] + [k - 1 - p for k, p in zip(k_eff, ends)]
+                return b.add("Conv", [s, b.const(wt)], dilations=dil, pads=pads, group=group, kernel_shape=kernel)
             pads, out_pad = _transpose_geometry(xs, ys, kernel, strides, dil, begins, ends)
             return b.add("ConvTranspose", [s, b.const(w)], strides=strides, dilations=dil, pads=pads,
-                         output_padding=out_pad, group=attrs(node).get("group", 1), kernel_shape=kernel)
+                         output_padding=out_pad, group=group, kernel_shape=kernel)
+        shape = b.shape(s)
+        if kind == "w" and self.original_weight is not None and shape is not None and len(shape) == 2:
+            # the unmodified weight is already an initializer: Gemm reads it transposed instead of a copy
+            name, trans_b = self.original_weight
+            return b.add("Gemm", [s, name], transB=trans_b)
         return b.add("MatMul", [s, b.const(np.ascontiguousarray(w.T))])
 
 
@@ -460,6 +491,24 @@ def _input_tensor(b, kind: str, x: str, rule: LRPRule, nonneg: bool, cache: dict
     return out
 
 
+_INPUT_SIGN = {"x+": 1, "x-": -1, "ones": 1}
+_WEIGHT_SIGN = {"w+": 1, "w-": -1, "ones": 1, "w2": 1}
+_BIAS_SIGN = {"zero": 0, "b+": 1, "b-": -1, "b2": 1}
+
+
+def _group_nonneg(group: Group, nonneg_input: bool, has_bias: bool) -> bool:
+    """Whether every term of z = sum_t sign_t (in_t W_t + b_t) is provably >= 0 (z+, flat, w^2, ...)."""
+    for t in group.terms:
+        s_in = 1 if t.input == "x" and nonneg_input else _INPUT_SIGN.get(t.input)
+        s_w = _WEIGHT_SIGN.get(t.weight)
+        if s_in is None or s_w is None or t.sign * s_in * s_w < 0:
+            return False
+        s_b = _BIAS_SIGN.get(t.bias) if has_bias else 0
+        if s_b is None or t.sign * s_b < 0:
+            return False
+    return True
+
+
 def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis):
     def emit(b, node, gy, want):
         R = gy[0]
@@ -493,7 +542,8 @@ def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis):
             if group.mask:
                 cond = b.add("Greater" if group.mask == "pos" else "Less", [y, b.const(0.0)])
                 r = b.add("Where", [cond, R, b.const(0.0)])
-            s = _stab_div(b, r, z, rule.eps)
+            nonneg_z = not rule.reuses_forward and _group_nonneg(group, nonneg, lin.bias is not None)
+            s = _stab_div(b, r, z, rule.eps, nonneg=nonneg_z)
             for t in group.terms:
                 if _input_tensor(b, t.input, x, rule, nonneg, inputs) is None:
                     continue
@@ -503,7 +553,7 @@ def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis):
         per_input: dict = {}
         for (ikind, wkind), ss in contributions.items():
             s_sum = ss[0] if len(ss) == 1 else b.add("Sum", ss)
-            per_input.setdefault(ikind, []).append(lin.transpose(s_sum, lin.weight(wkind, rule.gamma)))
+            per_input.setdefault(ikind, []).append(lin.transpose(s_sum, lin.weight(wkind, rule.gamma), wkind))
         terms = []
         for ikind, gs in per_input.items():
             gsum = gs[0] if len(gs) == 1 else b.add("Sum", gs)
@@ -521,12 +571,12 @@ def _compile_pass(b, node, gy, want):
     return [gy[0]] + [None] * (len(node.input) - 1)
 
 
-def _compile_norm(rule: LRPRule):
+def _compile_norm(rule: LRPRule, analysis: LRPAnalysis):
     def emit(b, node, gy, want):
         from . import vjp_rules
 
         R, y, op = gy[0], node.output[0], node.op_type
-        s = _stab_div(b, R, y, rule.eps)
+        s = _stab_div(b, R, y, rule.eps, nonneg=y in analysis.nonneg)
         if op in ("Add", "Sum", "Sub"):
             out = []
             for i, (x, w) in enumerate(zip(node.input, want)):
@@ -607,7 +657,7 @@ def check_rule(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> No
     ok = {
         "linear": node.name in analysis.linear,
         "pass": op in PASS_OPS or node.name in analysis.tail_of,
-        "norm": op in NORM_OPS,
+        "norm": op in NORM_OPS or (op == "BatchNormalization" and node.name not in analysis.tail_of),
         "gradient": op in _gradient_ops(),
         "proportional": op == "MaxPool",
         "gate": op == "Mul" and node.name in analysis.gates,
@@ -635,7 +685,7 @@ def compile_rules(rules: Mapping[str, LRPRule], analysis: LRPAnalysis) -> dict:
         elif rule.kind == "pass":
             out[name] = _compile_pass
         elif rule.kind == "norm":
-            out[name] = _compile_norm(rule)
+            out[name] = _compile_norm(rule, analysis)
         elif rule.kind == "gradient":
             out[name] = PLAIN[node.op_type]
         elif rule.kind == "proportional":

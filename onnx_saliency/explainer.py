@@ -20,8 +20,8 @@ class Explainer:
     """Explain one ONNX classifier. Sessions are cached per rewritten graph for the Explainer's lifetime."""
 
     def __init__(self, path, preset: str | None = None, provider: str = "cpu", threads: int | None = None,
-                 labels=None, **preprocessing_overrides):
-        self.model: LoadedModel = load_model(path)
+                 labels=None, fuse_affine: bool = False, **preprocessing_overrides):
+        self.model: LoadedModel = load_model(path, fuse_affine=fuse_affine)
         self.engine = Engine(self.model, provider=provider, threads=threads)
         pre = self.model.preprocessing()
         self.preprocessing: Preprocessing = pre.with_overrides(preset=preset, **preprocessing_overrides)

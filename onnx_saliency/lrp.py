@@ -92,6 +92,8 @@ class Composite:
                 if match.matches(node, a):
                     if r.kind == "linear" and node.name not in a.linear:
                         continue  # a linear rule only binds linear layers
+                    if node.name in a.tail_of and r.kind != "pass":
+                        continue  # a fused tail's affine map is already inside its layer's rule
                     rule = r
                     break
             if rule is None and node.name not in a.linear:
@@ -347,6 +349,7 @@ def _run(engine, sess, wanted, x, targets, batch_size, comp, at, init, extra_key
     model = engine.model
     n = len(x)
     targets = np.full(n, -1, np.int64) if targets is None else np.asarray(targets, np.int64)
+    batch_size = engine.fit_batch(batch_size, x.shape[2:])
     parts: dict = {k: [] for k in wanted}
     for start in range(0, n, max(1, batch_size)):
         sl = slice(start, start + batch_size)
@@ -359,7 +362,7 @@ def _run(engine, sess, wanted, x, targets, batch_size, comp, at, init, extra_key
         for k, v in zip(wanted, values):
             parts[k].append(v)
     arrays = {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in parts.items()}
-    check_finite(arrays, f"{model.path.name} (LRP {comp.name})")
+    check_finite(arrays, f"{model.path.name} (LRP {comp.name})", engine.nonfinite_locator(sess, x, targets))
     score = model.score_tensor
     scores = arrays[score]
     tc = arrays[gp.RESOLVED]

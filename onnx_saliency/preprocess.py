@@ -26,8 +26,21 @@ Image decoding
 :func:`load_image` decodes with ``cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR``: unlike
 ``IMREAD_UNCHANGED`` this applies the EXIF orientation (OpenCV only skips it for ``IMREAD_UNCHANGED``),
 keeps 16-bit samples (we scale them to 8 bits ourselves, ``/257``) and drops any alpha channel. Alpha is
-dropped, not composited: transparent pixels keep whatever colour they store. Images above ``max_pixels``
-are refused; for PNG and JPEG the size is read from the header, before decoding.
+dropped, not composited: transparent pixels keep whatever colour they store. Conversions, all to 8-bit RGB:
+
+- grey, grey + alpha, 1-bit       grey value copied to R, G and B
+- palette                         expanded by the decoder
+- CMYK / inverted (Adobe) CMYK    converted to RGB by the decoder (JPEG, TIFF)
+- 16-bit                          rounded ``/257``
+- float (TIFF)                    taken as [0, 1], clipped, NaN -> 0, times 255
+- animated GIF, multi-page TIFF   first frame / page only
+- signed or 32-bit integer        refused
+
+Accepted formats are :data:`SUPPORTED_FORMATS`, recognised by content, not by file name; OpenCV decodes
+more (JPEG 2000, Radiance HDR, PFM...) but we refuse them, because for each accepted format we read the
+width and height from the header and refuse more than ``max_pixels`` pixels (default :data:`MAX_PIXELS`,
+CLI ``--max-pixels``) before decoding: a decompression bomb never reaches the decoder. Files larger than
+``32 * max_pixels`` bytes (+64 MiB) are refused before being read.
 
 Geometry follows torchvision's ``Resize(int)`` (long side truncated) and ``CenterCrop`` (offsets rounded half
 to even) arithmetic; the resampling itself is ``cv2.INTER_LINEAR`` (no antialiasing, unlike PIL).
@@ -35,9 +48,11 @@ to even) arithmetic; the resampling itself is ``cv2.INTER_LINEAR`` (no antialias
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -50,7 +65,7 @@ from .errors import SaliencyError
 __all__ = [
     "Preset", "PRESETS", "Preprocessing", "MAX_PIXELS", "META_PRESET", "META_RESIZE", "META_CROP",
     "META_RESIZE_MODE", "META_LABELS", "METADATA_KEYS", "RESIZE_MODES", "LAYOUTS", "labels_from_metadata",
-    "load_image", "prepare", "input_bounds",
+    "load_image", "prepare", "input_bounds", "SUPPORTED_FORMATS",
 ]
 
 META_PRESET = "onnx_saliency.preset"
@@ -234,35 +249,156 @@ def labels_from_metadata(props: Mapping[str, str] | None) -> list[str] | None:
 # Loading
 
 
-def _header_pixels(data: bytes) -> int | None:
-    """Pixel count from a PNG/JPEG header, so decompression bombs are refused before decoding."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
-        w, h = struct.unpack(">II", data[16:24])
-        return w * h
-    if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 4 <= len(data):
-            if data[i] != 0xFF:
-                return None
-            marker = data[i + 1]
-            if marker == 0xFF:  # fill byte
-                i += 1
-                continue
-            if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers carry no length
-                i += 2
-                continue
-            (length,) = struct.unpack(">H", data[i + 2:i + 4])
-            # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC): precision(1), height(2), width(2).
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and i + 9 <= len(data):
-                h, w = struct.unpack(">HH", data[i + 5:i + 9])
-                return w * h
-            i += 2 + length
+# Formats whose header we read before decoding, so every accepted file is size-checked before OpenCV
+# allocates anything. OpenCV decodes more (JPEG 2000, HDR, PFM, Sun raster...); those are refused.
+SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WebP", "TIFF", "PNM")
+
+
+def _image_format(data: bytes) -> str | None:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:2] == b"BM":
+        return "BMP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    if data[:1] == b"P" and data[1:2] in b"1234567" and data[2:3].isspace():
+        return "PNM"
     return None
 
 
-def load_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Read an image file as uint8 H x W x 3 RGB (EXIF orientation applied, alpha dropped)."""
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers carry no length
+            i += 2
+            continue
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC): precision(1), height(2), width(2).
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > len(data):
+                return None
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h
+        i += 2 + max(length, 2)
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """ImageWidth (256) and ImageLength (257) of the first IFD, the page OpenCV decodes."""
+    end = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte offsets and counts
+    offset_fmt, count_fmt, entry = ("Q", "Q", 20) if big else ("I", "H", 12)
     try:
+        (ifd,) = struct.unpack_from(end + offset_fmt, data, 8 if big else 4)
+        (count,) = struct.unpack_from(end + count_fmt, data, ifd)
+        first = ifd + struct.calcsize(count_fmt)
+        dims = {}
+        for k in range(min(count, 4096)):
+            tag, kind = struct.unpack_from(end + "HH", data, first + k * entry)
+            value_at = first + k * entry + (12 if big else 8)
+            if tag in (256, 257):
+                fmt = {3: "H", 4: "I", 16: "Q"}.get(kind)
+                if fmt is None:
+                    return None
+                dims[tag] = struct.unpack_from(end + fmt, data, value_at)[0]
+        return (dims[256], dims[257]) if len(dims) == 2 else None
+    except struct.error:
+        return None
+
+
+def _pnm_size(data: bytes) -> tuple[int, int] | None:
+    head = data[:4096]
+    if head[1:2] == b"7":  # PAM: "WIDTH n" / "HEIGHT n" lines
+        w, h = re.search(rb"\bWIDTH\s+(\d+)", head), re.search(rb"\bHEIGHT\s+(\d+)", head)
+        return (int(w.group(1)), int(h.group(1))) if w and h else None
+    tokens = re.sub(rb"#[^\n]*", b" ", head[2:]).split()
+    if len(tokens) < 2 or not (tokens[0].isdigit() and tokens[1].isdigit()):
+        return None
+    return int(tokens[0]), int(tokens[1])
+
+
+def _header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) from the header of a file in one of SUPPORTED_FORMATS, None if the header is broken."""
+    if fmt == "PNG":
+        return struct.unpack(">II", data[16:24]) if data[12:16] == b"IHDR" and len(data) >= 24 else None
+    if fmt == "JPEG":
+        return _jpeg_size(data)
+    if fmt == "BMP":
+        if len(data) < 26:
+            return None
+        if struct.unpack_from("<I", data, 14)[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+            return struct.unpack_from("<HH", data, 18)
+        w, h = struct.unpack_from("<ii", data, 18)
+        return abs(w), abs(h)  # negative height: rows stored top-down
+    if fmt == "GIF":
+        return struct.unpack_from("<HH", data, 6) if len(data) >= 10 else None
+    if fmt == "WebP":
+        return _webp_size(data)
+    if fmt == "TIFF":
+        return _tiff_size(data)
+    return _pnm_size(data)
+
+
+@contextlib.contextmanager
+def _decoder_messages_silenced():
+    """libpng, libjpeg and OpenCV print their own complaints on file descriptor 2; our one-line error
+    replaces them, so they go to /dev/null while decoding (output of other threads in that window too)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to protect
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def load_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image file as uint8 H x W x 3 RGB (EXIF orientation applied, alpha dropped).
+
+    Refused with a :class:`SaliencyError` naming the file: missing, empty, unknown format, a header
+    claiming more than `max_pixels` pixels (checked before decoding), truncated or corrupt data, and
+    sample types other than 8/16-bit unsigned or float.
+    """
+    if max_pixels < 1:
+        raise SaliencyError(f"--max-pixels {max_pixels}: must be at least 1")
+    try:
+        size = os.stat(os.fspath(path)).st_size
+        # 32 bytes per pixel covers uncompressed float64 RGBA; anything bigger is not an image we accept
+        if size > 32 * max_pixels + (64 << 20):
+            raise SaliencyError(f"{path}: file of {size} bytes is too large for an image within the limit of "
+                                f"{max_pixels} pixels")
         data = np.fromfile(os.fspath(path), dtype=np.uint8)
     except FileNotFoundError:
         raise SaliencyError(f"{path}: no such file") from None
@@ -270,16 +406,27 @@ def load_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise SaliencyError(f"{path}: cannot read ({err.strerror or err})") from None
     if data.size == 0:
         raise SaliencyError(f"{path}: not a readable image (empty file)")
-    pixels = _header_pixels(data[:65536].tobytes())
-    if pixels is not None and pixels > max_pixels:
-        raise SaliencyError(f"{path}: image has {pixels} pixels, more than the limit of {max_pixels}")
-    try:
-        img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
-    except cv2.error:
-        img = None
+    raw = data.tobytes()
+    fmt = _image_format(raw[:16])
+    if fmt is None:
+        raise SaliencyError(f"{path}: not a readable image (unknown format; supported: "
+                            f"{', '.join(SUPPORTED_FORMATS)})")
+    wh = _header_size(raw, fmt)
+    if wh is None or min(wh) <= 0:
+        raise SaliencyError(f"{path}: not a readable image (corrupt {fmt} header)")
+    if wh[0] * wh[1] > max_pixels:
+        raise SaliencyError(f"{path}: image has {wh[0] * wh[1]} pixels, more than the limit of {max_pixels}")
+    if fmt == "JPEG" and raw.rfind(b"\xff\xd9") < raw.find(b"\xff\xda"):
+        # no end-of-image marker after the scan: libjpeg would fill the missing rows with grey and say so
+        raise SaliencyError(f"{path}: not a readable image (JPEG data truncated: no end-of-image marker)")
+    with _decoder_messages_silenced():
+        try:
+            img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+        except cv2.error:
+            img = None
     if img is None or img.size == 0:
-        raise SaliencyError(f"{path}: not a readable image (unknown format, truncated or corrupt)")
-    if img.shape[0] * img.shape[1] > max_pixels:  # formats whose header we do not parse
+        raise SaliencyError(f"{path}: not a readable image ({fmt} data truncated or corrupt)")
+    if img.shape[0] * img.shape[1] > max_pixels:  # a header that understated the size
         raise SaliencyError(f"{path}: image has {img.shape[0] * img.shape[1]} pixels, "
                             f"more than the limit of {max_pixels}")
     return _to_rgb8(img, path)
@@ -288,15 +435,15 @@ def load_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 def _to_rgb8(img: np.ndarray, path) -> np.ndarray:
     if img.dtype == np.uint16:
         img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded 65535 -> 255
-    elif img.dtype.kind == "f":  # float TIFF/HDR: assume [0, 1]
+    elif img.dtype.kind == "f":  # float TIFF: assume [0, 1]
         img = (np.clip(np.nan_to_num(img), 0, 1) * 255 + 0.5).astype(np.uint8)
     elif img.dtype != np.uint8:
-        raise SaliencyError(f"{path}: unsupported sample type {img.dtype} (need 8/16-bit or float)")
+        raise SaliencyError(f"{path}: unsupported sample type {img.dtype} (need 8/16-bit unsigned or float)")
     if img.ndim == 2:
         img = img[:, :, None]
     channels = img.shape[2]
-    if channels == 1:
-        return np.ascontiguousarray(np.repeat(img, 3, axis=2))
+    if channels in (1, 2):  # grey, grey + alpha
+        return np.ascontiguousarray(np.repeat(img[:, :, :1], 3, axis=2))
     if channels in (3, 4):
         return np.ascontiguousarray(img[:, :, 2::-1])  # BGR(A) -> RGB, alpha dropped
     raise SaliencyError(f"{path}: unsupported image with {channels} channels")
@@ -318,6 +465,9 @@ def _resize_crop(img: np.ndarray, pre: Preprocessing, index: int) -> np.ndarray:
         size = (pre.resize, pre.resize)
     else:
         size = (w, h)
+    if size[0] * size[1] > MAX_PIXELS:  # a 1 x 10^6 strip would become 16 x 1.6*10^7 at resize 16
+        raise SaliencyError(f"image {index} is {h}x{w}; resizing it to {size[1]}x{size[0]} would exceed "
+                            f"{MAX_PIXELS} pixels (aspect ratio too extreme)")
     if size != (w, h):
         img = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
     if pre.crop is None:

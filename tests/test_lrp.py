@@ -260,6 +260,41 @@ def test_unfolded_batchnorm_and_matmul_bias_match_folded():
         np.testing.assert_allclose(r2, r1, rtol=1e-4, atol=1e-5 * np.abs(r1).max())
 
 
+def test_norm_on_kept_batchnorm_is_its_epsilon_rule():
+    """DenseNet pattern: Concat -> BN -> Relu -> Conv keeps the BN (no linear producer). Pass by default; Norm gives
+    R_in = x * scale * R / stab(y); a Norm entry never binds a BN fused as a tail (its layer's rule covers it)."""
+    rng = np.random.default_rng(5)
+    inits = {"w0": _w(rng, 4, 3, 3, 3), "s": rng.uniform(0.5, 1.5, 7).astype(np.float32), "t": _w(rng, 7),
+             "mu": _w(rng, 7), "var": rng.uniform(0.5, 1.5, 7).astype(np.float32), "w1": _w(rng, 5, 7, 1, 1),
+             "s1": rng.uniform(0.5, 1.5, 5).astype(np.float32), "t1": _w(rng, 5), "mu1": _w(rng, 5),
+             "var1": rng.uniform(0.5, 1.5, 5).astype(np.float32), "wg": _w(rng, 5, 4)}
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+             helper.make_node("Concat", ["x", "c0"], ["cat"], axis=1, name="cat"),
+             helper.make_node("BatchNormalization", ["cat", "s", "t", "mu", "var"], ["bn"], name="bn"),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w1"], ["c1"], name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "s1", "t1", "mu1", "var1"], ["bn1"], name="bn_tail"),
+             helper.make_node("GlobalAveragePool", ["bn1"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], axis=1, name="flat"),
+             helper.make_node("Gemm", ["f", "wg"], ["logits"], name="fc")]
+    model = gp.canonicalize(make_model(nodes, [("x", (None, 3, 5, 5))], [("logits", (None, 4))], inits),
+                            fold_bn=False)
+    a = R.analyze(model)
+    assert "bn" not in a.tail_of and a.tail_of["bn_tail"] == "conv1"
+    comp = lrp.get_composite("lrp0").with_entries([(lrp.Match(op=("BatchNormalization",)), R.Norm(1e-6))])
+    rules = comp.assign(model, a)
+    assert rules["bn"].kind == "norm" and rules["bn_tail"].kind == "pass"
+    assert lrp.get_composite("lrp0").assign(model, a)["bn"].kind == "pass"
+    x = _x(2, shape=(3, 5, 5))
+    m = lrp.build_relevance_graph(model, "logits", 4, ["cat", "bn"], comp, "logit", expose=["cat", "bn"])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    r_cat, r_bn, cat, y = sess.run([gp.grad_name("cat"), gp.grad_name("bn"), "cat", "bn"],
+                                   {"x": x, gp.TARGETS_INPUT: np.full(2, -1, np.int64)})
+    scale = (inits["s"] / np.sqrt(inits["var"] + 1e-5)).reshape(1, -1, 1, 1)
+    expected = cat * scale * r_bn / (y + np.where(y < 0, -1e-6, 1e-6))
+    np.testing.assert_allclose(r_cat, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
 def test_sigmoid_gate_holds_gate_fixed():
     """SiLU / SE gating: x * sigmoid(x): relevance of the Mul goes to the signal operand only."""
     rng = np.random.default_rng(4)

@@ -1,7 +1,7 @@
 """The CAM family: one small class per method, overriding how the layer map is computed from A and dY/dA.
 
 Post-processing follows pytorch-grad-cam: per layer ReLU, per-image min-max, bilinear resize to the input;
-several layers are averaged and min-maxed again.
+the layers' mean (one layer: that map) is min-maxed again, as its aggregate_multi_layers does.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class CAMMethod(Method):
             cam = np.maximum(self.layer_map(A, G, req, out, layer), 0).astype(np.float32)
             raws.append(cam)
             per_layer.append(scale_cam_image(cam, req.size))
-        maps = per_layer[0] if len(per_layer) == 1 else scale_cam_image(np.mean(per_layer, axis=0))
+        # pytorch-grad-cam's aggregate_multi_layers: mean over layers, then min-max again, even for one layer
+        maps = scale_cam_image(np.mean(per_layer, axis=0))
         return Result(self.name, maps.astype(np.float32), out["target_class"], out["target_score"],
                       layers=list(req.layers), raw=raws[-1] if len(raws) == 1 else None)
 

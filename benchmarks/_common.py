@@ -1,0 +1,105 @@
+"""Helpers shared by the benchmark scripts: torchvision export, interleaved timing, machine info, peak memory.
+
+Importing this module does not import torch (the memory subprocesses of bench_lrp.py must not pay for it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import statistics
+import time
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+def torchvision_model(name: str, seed: int = 0):
+    """A random-weight torchvision classifier in eval mode (torch.manual_seed(seed) before building)."""
+    import torch
+
+    from _torch_shim import install_torchvision_cpu_shim
+
+    install_torchvision_cpu_shim()
+    import torchvision
+
+    torch.manual_seed(seed)
+    return getattr(torchvision.models, name)().eval()
+
+
+def export(model, path: Path, size: int = 224, opset: int = 17) -> None:
+    """Legacy (TorchScript) exporter, dynamic batch, preprocessing preset declared in the file."""
+    import onnx
+    import torch
+
+    x = torch.zeros(1, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, x, str(path), dynamo=False, opset_version=opset, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    m = onnx.load(str(path))
+    onnx.helper.set_model_props(m, {"onnx_saliency.preset": "torchvision"})
+    onnx.save(m, str(path))
+
+
+def timeit(fns, repeats: int, warmup: int = 2) -> list:
+    """Wall-clock ms of `repeats` calls of each fn after `warmup` untimed calls. Several fns are called in
+    turn (round robin), so a change in machine load hits all of them alike."""
+    single = not isinstance(fns, (list, tuple))
+    fns = [fns] if single else list(fns)
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return times[0] if single else times
+
+
+def med(times) -> str:
+    """'median (min-max)' in ms."""
+    return f"{statistics.median(times):.1f} ({min(times):.1f}-{max(times):.1f})"
+
+
+def loadavg() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB.
+
+    VmHWM (the high-water mark of this process image), not getrusage's ru_maxrss: Linux carries ru_maxrss over
+    fork + exec, so a subprocess would report its parent's peak when that is higher."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Current resident set size in MiB (0 where /proc is absent)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def machine_info(packages) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    versions = {}
+    for p in packages:
+        try:
+            versions[p] = version(p)
+        except PackageNotFoundError:
+            versions[p] = "absent"
+    mem_kib = next((int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "nproc": os.cpu_count(),
+            "mem_gib": mem_kib / 2**20, "python": platform.python_version(), "versions": versions}

@@ -1,0 +1,77 @@
+"""`onnx-saliency compare`: one image, several methods, one PNG grid to look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from onnx_saliency.errors import SaliencyError
+
+from .main import (_explainer, _parse_options, _parse_target, _split_model_and_images, fail_cleanly, main,
+                   with_model_options)
+
+
+def _panel(rgb, height: int):
+    """Scale a panel to `height` rows: 16-px model inputs would otherwise be unreadable next to their titles."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    if h == height:
+        return rgb
+    width = max(1, round(w * height / h))
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_NEAREST if height > h else cv2.INTER_AREA)
+
+
+@click.command()
+@click.argument("inputs", nargs=-1)
+@click.option("-m", "--method", "methods", multiple=True, default=("gradcam",), show_default=True,
+              help="Method (repeatable), e.g. -m gradcam -m relevance-cam -m cmwp+ge.")
+@click.option("--layer", "layers", multiple=True, help="Layer tensor/node name or index (repeatable; default auto).")
+@click.option("--target", default=None, help="top1 (default), a class index or a label.")
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default="compare.png", show_default=True)
+@click.option("--size", type=int, default=224, show_default=True, help="Height of each panel in pixels.")
+@click.option("--cols", type=int, default=None, help="Panels per row (default: all in one row).")
+@click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE, passed to every method.")
+@with_model_options
+@fail_cleanly
+def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs, **model_kw):
+    """[MODEL] IMAGE: the image and every requested method's overlay side by side in one PNG."""
+    from onnx_saliency.methods import get_method
+    from onnx_saliency.postprocess import grid
+    from onnx_saliency.preprocess import load_image
+    from onnx_saliency.report import picture
+    from onnx_saliency.writers import write_png
+
+    if size < 8:
+        raise SaliencyError(f"--size {size}: panels need at least 8 pixels")
+    if cols is not None and cols < 1:
+        raise SaliencyError(f"--cols {cols}: must be at least 1")
+    model, images = _split_model_and_images(inputs)
+    if len(images) != 1:
+        raise SaliencyError(f"compare takes one image, got {len(images)}; use `explain` for several")
+    method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
+    options = _parse_options(option_pairs)
+    ex = _explainer(model, **model_kw)
+    layer_spec = list(layers) if layers else ["auto"]
+    for spec in layer_spec:
+        ex.resolve_layer(spec)
+    picture_in = load_image(images[0])
+    panels, titles = [], []
+    display = None
+    for spelled, m in zip(methods, method_objs):
+        result = ex.explain([picture_in], method=m.name, layer=layer_spec if len(layer_spec) > 1 else layer_spec[0],
+                            target=_parse_target(target), **options)
+        display = result.display[0]
+        t = int(result.targets[0])
+        panels.append(_panel(picture(display, result.maps[0], result.signed), size))
+        titles.append(f"{spelled}: {ex.model.label(t)} {float(result.scores[0]):.3g}")
+    panels.insert(0, _panel(display, size))
+    titles.insert(0, Path(images[0]).name)
+    canvas = grid(panels, titles, cols=cols or len(panels))
+    write_png(out_path, canvas)
+    click.echo(f"wrote {out_path} ({len(method_objs)} method(s), layer {', '.join(layer_spec)})")
+
+
+# Registered here rather than by name in main.py, so importing this module first cannot hit a half-built one.
+main.add_command(compare)

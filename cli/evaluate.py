@@ -1,0 +1,94 @@
+"""`onnx-saliency evaluate`: faithfulness, localization and sanity metrics for methods on images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from onnx_saliency.errors import SaliencyError
+
+from .main import _explainer, _parse_options, _parse_target, _split_model_and_images, fail_cleanly, main, \
+    with_model_options
+
+
+@click.command()
+@click.argument("inputs", nargs=-1)
+@click.option("-m", "--method", "methods", multiple=True, default=("gradcam",), show_default=True,
+              help="Method (repeatable). See `onnx-saliency methods`.")
+@click.option("--metric", "metrics", multiple=True,
+              help="deletion, insertion, average-drop, increase-confidence (default: these four), pointing-game, "
+                   "energy-pointing-game, localization (need --annotations), sanity-cascading, sanity-independent; "
+                   "or 'all'. Repeatable.")
+@click.option("--annotations", type=click.Path(), default=None,
+              help="Boxes/masks per image (JSON; format in onnx_saliency/annotations.py).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="evaluation_out", show_default=True)
+@click.option("--layer", "layers", multiple=True, help="Layer for CAM methods (repeatable; default auto).")
+@click.option("--target", default=None,
+              help="top1 (default), gt (the annotated class), a class index or label, or a comma list per image.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per explanation batch.")
+@click.option("--metric-batch-size", type=int, default=64, show_default=True,
+              help="Perturbed images per onnxruntime call.")
+@click.option("--step", type=int, default=224, show_default=True, help="Pixels changed per deletion/insertion step.")
+@click.option("--deletion-baseline", type=click.Choice(["zero", "blur", "mean"]), default="zero", show_default=True)
+@click.option("--insertion-baseline", type=click.Choice(["zero", "blur", "mean"]), default="blur", show_default=True)
+@click.option("--ad-variant", type=click.Choice(["gradcam++", "relevance-cam"]), default="gradcam++",
+              show_default=True, help="Average Drop / Increase in Confidence definition.")
+@click.option("--tolerance", type=float, default=15.0, show_default=True, help="Pointing game tolerance (input px).")
+@click.option("--threshold", type=float, default=0.15, show_default=True,
+              help="Localization: share of the map's range to threshold at.")
+@click.option("--sanity-steps", type=int, default=0, show_default=True,
+              help="Randomisation steps per sanity check (0: every layer).")
+@click.option("--sanity-images", type=int, default=None, help="Use only the first N images for sanity checks.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE (e.g. n=50, steps=32).")
+@with_model_options
+@fail_cleanly
+def evaluate(inputs, methods, metrics, annotations, out_dir, layers, target, batch_size, metric_batch_size, step,
+             deletion_baseline, insertion_baseline, ad_variant, tolerance, threshold, sanity_steps, sanity_images,
+             seed, option_pairs, **model_kw):
+    """Score METHODS on IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model)."""
+    from onnx_saliency.annotations import load_annotations
+    from onnx_saliency.evaluation import DEFAULT_METRICS, LOCALIZATION_METRICS, METRICS, Settings, evaluate as run, \
+        sanity_step_count, settings_lines
+    from onnx_saliency.evaluation_output import format_table, write_evaluation
+    from onnx_saliency.methods import get_method
+    from onnx_saliency.models import DEFAULT_MODEL_PATH, DEFAULT_SAMPLES_DIR
+
+    model, images = _split_model_and_images(inputs)
+    if annotations is None and model == DEFAULT_MODEL_PATH and all(p.parent == DEFAULT_SAMPLES_DIR for p in images):
+        annotations = str(DEFAULT_SAMPLES_DIR / "annotations.json")
+    chosen = list(dict.fromkeys(metrics)) or list(DEFAULT_METRICS) + (list(LOCALIZATION_METRICS) if annotations else [])
+    if "all" in chosen:
+        chosen = [m for m in METRICS if annotations or m not in LOCALIZATION_METRICS]
+    for name in chosen:
+        if name not in METRICS:
+            raise SaliencyError(f"--metric {name!r}: unknown; known: {', '.join(METRICS)}, all")
+    for label, value in (("--batch-size", batch_size), ("--metric-batch-size", metric_batch_size), ("--step", step)):
+        if value < 1:
+            raise SaliencyError(f"{label} {value}: must be at least 1")
+    for m in methods:
+        get_method(m)  # unknown methods fail before any work
+    ann = load_annotations(annotations) if annotations is not None else None
+    settings = Settings(step=step, deletion_baseline=deletion_baseline, insertion_baseline=insertion_baseline,
+                        ad_variant=ad_variant, tolerance=tolerance, threshold=threshold, sanity_steps=sanity_steps,
+                        sanity_images=sanity_images, seed=seed, batch_size=batch_size,
+                        metric_batch_size=metric_batch_size, layers=list(layers) or ["auto"],
+                        target=_parse_target(target), options=_parse_options(option_pairs))
+    ex = _explainer(model, **model_kw)
+    n_sanity = min(len(images), sanity_images if sanity_images is not None else len(images))
+    total = len(images) * len(methods) + (sanity_step_count(ex, settings, chosen) * len(methods) if n_sanity else 0)
+    with click.progressbar(length=total, label="evaluating", file=sys.stderr, hidden=total < 2) as bar:
+        result = run(ex, images, list(methods), chosen, ann, annotations, settings, progress=bar.update)
+    click.echo(f"model {Path(model).name}, {len(images)} image(s), preprocessing preset={ex.preprocessing.preset} "
+               f"resize={ex.preprocessing.resize} crop={ex.preprocessing.crop}")
+    click.echo(format_table(result))
+    for line in settings_lines(result):
+        click.echo(f"  {line}")
+    written = write_evaluation(result, Path(out_dir))
+    click.echo(f"wrote {len(written)} file(s) to {out_dir}")
+
+
+# Registered here rather than by name in main.py, so importing this module first cannot hit a half-built one.
+main.add_command(evaluate)

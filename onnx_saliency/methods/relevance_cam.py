@@ -1,0 +1,106 @@
+"""Relevance-CAM (Lee et al., CVPR 2021): channel weights from LRP relevance at the chosen layer."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from graph_passes import lrp as R
+
+from .. import lrp as L
+from ..errors import SaliencyError
+from .base import Method, Request, Result
+from .gradual import extra_exposures, hand_over
+from .layer_maps import combine_layer_maps, spatial
+
+# spec section 2.6 head modes -> onnx_saliency.lrp initial relevance
+HEAD_MODES = {"clrp": "contrastive", "contrastive": "contrastive", "lrp": "one", "one": "one",
+              "sglrp": "sglrp", "logit": "logit"}
+
+
+def _zplus_no_bias(stabilizer: float) -> R.LRPRule:
+    """The reference Linear relprop (alpha 1, beta 0): x+w+ and x-w- over signed inputs, no bias in Z."""
+    return R.LRPRule("zplus-nobias", groups=(R.Group((R.Term("x+", "w+", "zero"), R.Term("x-", "w-", "zero"))),),
+                     eps=stabilizer)
+
+
+def _zplus_double_bias(stabilizer: float, nonneg_input: bool) -> R.LRPRule:
+    """The reference Conv2d relprop: Z = (conv(x+, w+) + b) + (conv(x-, w-) + b).
+
+    On a provably non-negative input the x- term vanishes from the graph, but the reference still adds its
+    bias; (W+x+ + b) + (W+x+ + b) - W+x+ puts 2b in Z while the relevance still flows through W+x+ once
+    (the propagator applies a term's sign, not its magnitude, to Z, hence the repeated term).
+    """
+    if nonneg_input:
+        terms = (R.Term("x+", "w+", "b"), R.Term("x+", "w+", "b"), R.Term("x+", "w+", "zero", -1.0))
+    else:
+        terms = (R.Term("x+", "w+", "b"), R.Term("x-", "w-", "b"))
+    return R.LRPRule("zplus-double-bias", groups=(R.Group(terms),), eps=stabilizer)
+
+
+def relevance_cam_composite(canonical, conv_bias: str = "zennit", stabilizer: float = 1e-9) -> L.Composite:
+    """The reference code's rules as far as the propagator expresses them (see RelevanceCAM)."""
+    dense = (L.DENSE, _zplus_no_bias(stabilizer))
+    if conv_bias == "zennit":
+        return L.Composite("relevance-cam", (dense, (L.CONV, R.ZPlus(stabilizer))), stabilizer=stabilizer)
+    if conv_bias != "reference":
+        raise SaliencyError(f"--option conv_bias={conv_bias!r}: expected 'zennit' or 'reference'")
+    a = R.analyze(canonical)
+    entries = [(L.Match(op=("conv",), name=f"^{re.escape(name)}$"),
+                _zplus_double_bias(stabilizer, a.nodes[name].input[0] in a.nonneg))
+               for name, layer in a.linear.items() if layer.kind == "conv"]
+    return L.Composite("relevance-cam-reference", tuple(entries) + (dense,), stabilizer=stabilizer)
+
+
+class RelevanceCAM(Method):
+    """Relevance-CAM: sum_k mean(R_k) A_k with R the LRP relevance at the layer; works at any layer.
+
+    Initial relevance CLRP (1 at the target, -1/C elsewhere, not scaled by the logit); relevance is
+    propagated only from the scores down to the requested layers, all of them in one onnxruntime call.
+    The map is not rectified (the official code applies no ReLU); per-image min-max, bilinear resize.
+
+    Options: init (clrp | lrp | sglrp | logit; default clrp), relu (0 | 1, default 0), conv_bias
+    (zennit | reference, default zennit), stabilizer (default 1e-9), composite (any built-in LRP composite
+    name instead of the reference rules).
+
+    Rules against the reference code (mongeoroo/Relevance-CAM, spec section 2.2): dense layers z+ over
+    signed inputs without bias, as the reference. Convolutions z+ with zennit's bias handling (b+ in the
+    denominator) by default; conv_bias=reference adds the full bias to both partial sums, the reference's
+    quirk. ReLU and dropout pass, max-pool winner-take-all, average pools and residual adds split in
+    proportion to their inputs, as the reference. Deviations: BatchNorm is folded into the preceding conv
+    (or fused into it when kept), so its bias takes part in the conv's denominator where the reference
+    passes relevance through BN unchanged; the stabiliser is z + eps*sign(z) (eps 1e-9) where the
+    reference's safe_divide also returns 0 for 0/0.
+    """
+
+    name = "relevance-cam"
+
+    def explain(self, req: Request) -> Result:
+        if not req.layers:
+            raise SaliencyError(f"-m {self.name}: needs a layer (--layer)")
+        init_opt = str(req.option("init", "clrp")).lower()
+        if init_opt not in HEAD_MODES:
+            raise SaliencyError(f"--option init={init_opt!r}: expected one of clrp, lrp, sglrp, logit")
+        init = HEAD_MODES[init_opt]
+        relu = bool(int(req.option("relu", 0)))
+        conv_bias = str(req.option("conv_bias", "zennit"))
+        if req.options.get("composite") is not None:
+            comp = L.resolve_composite(req.engine, req.options["composite"])
+        else:
+            comp = relevance_cam_composite(req.engine.model.canonical, conv_bias,
+                                           float(req.option("stabilizer", 1e-9)))
+        ride = extra_exposures(req.engine, req.x)
+        out = L.relevance_at(req.engine, req.x, req.targets, at=req.layers, composite=comp, init=init,
+                             batch_size=req.batch_size, expose=tuple(dict.fromkeys([*req.layers, *ride])))
+        hand_over(req.engine, {t: out[t] for t in ride})
+        raws = []
+        for layer in req.layers:
+            A = spatial(out[layer], self.name, layer).astype(np.float64)
+            alpha = out["relevance"][layer].astype(np.float64).mean(axis=(2, 3))
+            cam = np.einsum("nk,nkhw->nhw", alpha, A)
+            raws.append((np.maximum(cam, 0) if relu else cam).astype(np.float32))
+        notes = [f"composite {comp.name}, init {init}, relu {int(relu)}; alpha_k = spatial mean of relevance"]
+        return Result(self.name, combine_layer_maps(raws, req.size), out["targets"], out["target_score"],
+                      layers=list(req.layers), raw=raws[0] if len(raws) == 1 else None,
+                      options={"init": init_opt, "relu": int(relu), "composite": comp.name}, notes=notes)

@@ -1,0 +1,82 @@
+"""`sr-map`: Salient Relevance map (Li, Tian, Mueller, Chen 2019; methods-spec section 1).
+
+Step A: an LRP heatmap R(x) with the reference composite (z+ without bias on dense layers, LRP-0 on every
+conv, ReLU pass-through, winner-take-all max-pool; initial relevance the target logit). Step B: |R| rendered
+as an image, min-max jointly over channels and pixels, 0-255 uint8 RGB. Step C: context-aware saliency of
+that heatmap image (not of the photo; the photo plays no part after the LRP pass), resized to the input and
+min-max normalised.
+
+Options: composite (default sr-reference; any built-in name), rule_map, init (default logit), heatmap_mode
+(rgb_abs | gray_abs | gray_pos), ca_resolution (longest side of the saliency step, default 250), ca_grid
+(patch centres per side, see context_saliency; 0 = the reference's dense search).
+Not reproduced: the reference saves the heatmap as a lossy JPEG before the saliency step; here it stays exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graph_passes import lrp as R
+
+from .. import lrp as L
+from ..context_saliency import context_aware_saliency
+from ..errors import SaliencyError
+from ..postprocess import minmax
+from . import register
+from .base import Method, Request, Result
+
+HEATMAP_MODES = ("rgb_abs", "gray_abs", "gray_pos")
+
+
+def sr_reference(stabilizer: float = 1e-9) -> L.Composite:
+    """The SR notebooks' rules: R_i = x_i sum_j w+_ij R_j / (sum_i' x_i' w+_i'j + eps) on dense layers (no
+    bias, x not rectified), LRP-0 with the bias in z on convs; eps 1e-9 (here sign-aware; z+ sums are >= 0 on
+    rectified inputs, so only a conv z within 1e-9 below zero can tell the difference)."""
+    zplus_no_bias = R.LRPRule("zplus-nobias", groups=(R.Group((R.Term("x", "w+", "zero"),)),), eps=stabilizer)
+    lrp0 = R.LRPRule("lrp0", groups=(R.Group((R.Term("x", "w", "b"),)),), eps=stabilizer)
+    return L.Composite("sr-reference", ((L.DENSE, zplus_no_bias), (L.CONV, lrp0)), stabilizer=stabilizer)
+
+
+def heatmap_image(relevance: np.ndarray, mode: str = "rgb_abs", bgr: bool = False) -> np.ndarray:
+    """(C, H, W) relevance -> uint8 image: (H, W, 3) RGB for rgb_abs on 3 channels, else (H, W) gray."""
+    if mode not in HEATMAP_MODES:
+        raise SaliencyError(f"heatmap_mode {mode!r}: expected one of {', '.join(HEATMAP_MODES)}")
+    rel = np.asarray(relevance, np.float64)
+    if mode == "rgb_abs" and rel.shape[0] == 3:
+        heat = np.abs(rel[::-1] if bgr else rel).transpose(1, 2, 0)
+    elif mode == "gray_pos":
+        heat = np.maximum(rel, 0).sum(axis=0)
+    else:
+        heat = np.abs(rel).sum(axis=0)
+    low, high = heat.min(), heat.max()
+    scaled = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
+    return np.round(scaled * 255).astype(np.uint8)
+
+
+L.COMPOSITES["sr-reference"] = lambda **params: sr_reference(**params)  # --composite sr-reference for any LRP method
+
+
+class SRMap(Method):
+    name = "sr-map"
+    uses_layer = False
+
+    def explain(self, req: Request) -> Result:
+        comp = L.resolve_composite(req.engine, req.option("composite", "sr-reference"), req.options.get("rule_map"),
+                                   req.options.get("low"), req.options.get("high"))
+        init = req.option("init", "logit")
+        mode = req.option("heatmap_mode", "rgb_abs")
+        size = int(req.option("ca_resolution", 250))
+        grid = int(req.option("ca_grid", 48)) or None
+        out = L.relevance_at(req.engine, req.x, req.targets, composite=comp, init=init, batch_size=req.batch_size)
+        rel = out["relevance"][req.engine.model.input_name].astype(np.float32)
+        bgr = req.engine.model.preprocessing().spec.channel_order == "BGR"
+        sal = np.stack([context_aware_saliency(heatmap_image(r, mode, bgr), working_size=size, grid=grid)
+                        for r in rel])
+        return Result(self.name, minmax(sal).astype(np.float32), out["targets"], out["target_score"],
+                      attributions=rel, options={"composite": comp.name, "init": init, "heatmap_mode": mode,
+                                                 "ca_resolution": size, "ca_grid": grid or 0},
+                      notes=[f"LRP composite {comp.name} (init {init}) -> |R| image ({mode}) -> context-aware "
+                             f"saliency at {size} px, {'dense search' if grid is None else f'grid {grid}'}"])
+
+
+register(SRMap)

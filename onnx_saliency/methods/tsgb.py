@@ -1,0 +1,70 @@
+"""`tsgb`: Target-Selective Gradient Backprop (Cheng et al., IEEE TIP 2022; methods-spec section 3).
+
+One forward and one modified backward pass (graph_passes.tsgb_rules); the map is sum_c x * g-hat at the input.
+The map is signed and implicitly contrastive (the target's rectified contribution sums to zero at the
+classifier input); the reference displays max(S, 0) / max|S|, which the diverging picture shows as its red half.
+
+Options: classifier (node name, or a list of names, that gets TSGB-FC; default the linear layer nearest the
+output).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import graph_passes as gp
+from graph_passes.tsgb_rules import append_tsgb, classifier_layers
+
+from ..engine import check_finite
+from ..errors import SaliencyError, UnsupportedModelError
+from . import register
+from .base import Method, Request, Result
+
+
+class TSGB(Method):
+    name = "tsgb"
+    uses_layer = False
+
+    def explain(self, req: Request) -> Result:
+        engine, model = req.engine, req.engine.model
+        chosen = req.options.get("classifier")
+        names = None if chosen is None else tuple([chosen] if isinstance(chosen, str) else chosen)
+        try:
+            classifier = classifier_layers(model.canonical, names)
+        except gp.GraphPassError as err:
+            raise SaliencyError(f"tsgb --option classifier: {err}") from err
+        score, inp = model.score_tensor, model.input_name
+
+        def build(canonical):
+            m = gp.append_target_seed(gp.expose_tensors(canonical, [score]), score)
+            try:
+                return append_tsgb(m, score, [inp], seed=gp.SEED, classifier=classifier)
+            except gp.GraphPassError as err:
+                raise UnsupportedModelError(f"tsgb on {model.path.name}: {err}") from err
+
+        sess, _, _ = engine.session(("tsgb", tuple(classifier)), build)
+        wanted = [gp.RESOLVED, gp.TARGET_SCORE, gp.grad_name(inp)]
+        parts: dict = {k: [] for k in wanted}
+        batch = engine.fit_batch(req.batch_size, req.x.shape[2:])
+        for start in range(0, len(req.x), batch):
+            sl = slice(start, start + batch)
+            feeds = {inp: np.ascontiguousarray(req.x[sl]), gp.TARGETS_INPUT: np.asarray(req.targets[sl], np.int64)}
+            try:
+                values = sess.run(wanted, feeds)
+            except Exception as err:
+                raise SaliencyError(f"onnxruntime failed on {model.path.name}: {str(err).splitlines()[0]}") from err
+            engine.calls += 1
+            for k, v in zip(wanted, values):
+                parts[k].append(v)
+        out = {k: np.concatenate(v) for k, v in parts.items()}
+        check_finite(out, f"{model.path.name} (tsgb)", engine.nonfinite_locator(sess, req.x, req.targets))
+        attr = (req.x * out[gp.grad_name(inp)]).astype(np.float32)
+        ops = {node.name: node.op_type for node in model.canonical.graph.node}
+        notes = ["TSGB-FC on " + ", ".join(f"{n} ({ops[n]}{', per position' if ops[n] == 'Conv' else ''})"
+                                          for n in classifier) if classifier else
+                 "no linear layer before the scores: no TSGB-FC, the head keeps its plain gradient"]
+        return Result(self.name, attr.sum(axis=1), out[gp.RESOLVED], out[gp.TARGET_SCORE], attributions=attr,
+                      signed=True, options={"classifier": list(classifier)}, notes=notes)
+
+
+register(TSGB)
