@@ -32,17 +32,55 @@ def opset_of(model: onnx.ModelProto) -> int:
     return 1
 
 
+# Initializers above this many elements are checked by type and shape only (see skeleton()).
+_SKELETON_MIN_ELEMENTS = 1 << 14
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every large initializer turned into a typed graph input.
+
+    The checker and shape inference serialise the whole model; on VGG-16 that is 500 MB per call and made
+    loading take a minute. Neither needs the weight values (only small ones, e.g. Reshape targets, feed
+    data propagation), so they run on this weight-free copy with the same structure, types and shapes.
+    """
+    sk = onnx.ModelProto()
+    sk.ir_version = model.ir_version
+    sk.opset_import.extend(model.opset_import)
+    sk.functions.extend(model.functions)
+    g, src = sk.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    listed = {vi.name for vi in src.input}
+    for t in src.initializer:
+        if int(np.prod(t.dims)) >= _SKELETON_MIN_ELEMENTS and t.name not in listed:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            g.initializer.append(t)
+    return sk
+
+
 def checked(model: onnx.ModelProto, pass_name: str) -> onnx.ModelProto:
     """Every pass ends here: its output must satisfy the ONNX checker before anyone runs it."""
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(skeleton(model))
     except Exception as err:  # checker raises several types; the pass name is what the user needs
         raise GraphPassError(f"{pass_name}: produced an invalid model: {str(err).splitlines()[0]}") from err
     return model
 
 
 def infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    """A copy of `model` with shapes inferred for every tensor (computed on the weight-free skeleton)."""
+    inferred = shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True)
+    out = clone(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    del out.graph.output[:]
+    out.graph.output.extend(inferred.graph.output)
+    return out
 
 
 def initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:

@@ -195,15 +195,10 @@ class Engine:
 
 def _activation_bytes(model: LoadedModel, hw: tuple[int, int]) -> int:
     """Bytes of every intermediate tensor for one image of size `hw` (unknown dims count as 1)."""
-    from graph_passes._graph import infer, tensor_infos
+    from graph_passes._graph import infer, skeleton, tensor_infos
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model.canonical)
-    # shape inference only needs the weights' shapes: declare them as inputs instead of copying their data
-    for init in list(m.graph.initializer):
-        if len(init.raw_data) > 4096 or init.data_location == onnx.TensorProto.EXTERNAL:
-            m.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-            m.graph.initializer.remove(init)
+    # shape inference only needs the weights' shapes: work on the weight-free skeleton
+    m = skeleton(model.canonical)
     for vi in m.graph.input:
         if vi.name == model.input_name:
             dims = vi.type.tensor_type.shape.dim

@@ -12,7 +12,7 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 import graph_passes as gp
-from graph_passes._graph import graph_inputs, producers, tensor_infos
+from graph_passes._graph import graph_inputs, producers, skeleton, tensor_infos
 
 from .errors import SaliencyError, UnsupportedModelError
 from .preprocess import Preprocessing, labels_from_metadata
@@ -244,7 +244,9 @@ def read_model(path) -> onnx.ModelProto:
         except Exception as err:  # onnx re-checks paths and bounds itself; its message names the tensor
             raise SaliencyError(f"{path}: cannot read external data ({str(err).splitlines()[0]})") from None
     try:
-        onnx.checker.check_model(model)
+        # the structure is checked on the weight-free skeleton (fast on big models); _check_weights then
+        # checks every weight's data against its declared shape, which the checker would have done
+        onnx.checker.check_model(skeleton(model))
     except Exception as err:
         raise SaliencyError(f"{path}: invalid ONNX model: {str(err) or type(err).__name__}") from err  # one line
     _check_weights(model, path)
