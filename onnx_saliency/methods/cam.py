@@ -68,6 +68,8 @@ class CAMMethod(Method):
 
 
 class GradCAM(CAMMethod):
+    """Selvaraju et al.: alpha_k = spatial mean of dy/dA_k; ReLU(sum_k alpha_k A_k)."""
+
     name = "gradcam"
 
     def weights(self, A, G):
@@ -75,6 +77,8 @@ class GradCAM(CAMMethod):
 
 
 class GradCAMPlusPlus(CAMMethod):
+    """Chattopadhay et al.: positive gradients weighted by the closed-form alpha (pytorch-grad-cam, eps 1e-6)."""
+
     name = "gradcam++"
 
     def weights(self, A, G):
@@ -86,6 +90,8 @@ class GradCAMPlusPlus(CAMMethod):
 
 
 class XGradCAM(CAMMethod):
+    """Fu et al.: weights sum_ij (A / sum A) * g (eps 1e-7)."""
+
     name = "xgradcam"
 
     def weights(self, A, G):
@@ -94,6 +100,8 @@ class XGradCAM(CAMMethod):
 
 
 class LayerCAM(CAMMethod):
+    """Jiang et al.: ReLU(sum_k ReLU(g_k) * A_k), element-wise weights; works at shallow layers."""
+
     name = "layercam"
 
     def layer_map(self, A, G, req, out, layer):
@@ -101,6 +109,8 @@ class LayerCAM(CAMMethod):
 
 
 class HiResCAM(CAMMethod):
+    """Draelos and Carin: sum_k g_k * A_k, element-wise, no spatial averaging of the gradient."""
+
     name = "hirescam"
 
     def layer_map(self, A, G, req, out, layer):
@@ -108,6 +118,8 @@ class HiResCAM(CAMMethod):
 
 
 class GradCAMElementWise(CAMMethod):
+    """sum_k ReLU(g_k * A_k) (pytorch-grad-cam GradCAMElementWise)."""
+
     name = "gradcam-elementwise"
 
     def layer_map(self, A, G, req, out, layer):

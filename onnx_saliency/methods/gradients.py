@@ -59,6 +59,8 @@ class GradientXInput(PixelMethod):
 
 
 class GuidedBackprop(PixelMethod):
+    """Springenberg et al.: ReLU backward passes only positive gradients at positive inputs; max |.| over channels."""
+
     name = "guided-backprop"
     rules = "guided"
 

@@ -57,6 +57,8 @@ L.COMPOSITES["sr-reference"] = lambda **params: sr_reference(**params)  # --comp
 
 
 class SRMap(Method):
+    """Li et al. SR map: LRP heatmap (z+ dense, LRP-0 conv, winner-take-all pooling) -> context-aware saliency."""
+
     name = "sr-map"
     uses_layer = False
 

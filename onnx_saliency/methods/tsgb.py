@@ -22,6 +22,8 @@ from .base import Method, Request, Result
 
 
 class TSGB(Method):
+    """Cheng et al. target-selective gradient backprop: TSGB-FC on the classifier, TSGB-Conv on convs; sum_c x*g."""
+
     name = "tsgb"
     uses_layer = False
 
