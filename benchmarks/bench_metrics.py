@@ -107,7 +107,8 @@ def bench_model(name: str, repeats: int) -> dict:
     times = dict(zip(fns, timeit(list(fns.values()), repeats)))
     curves = ours(64)()
     loop_aucs = one_at_a_time(sess, feed, x, blurred, order, target)
-    return {"times": times, "calls": calls, "map_s": map_s, "map_first_s": map_first_s, "target": ex.model.label(target),
+    return {"times": times, "calls": calls, "map_s": map_s, "map_first_s": map_first_s,
+            "target": ex.model.label(target),
             "auc": (float(curves["deletion"].auc[0]), float(curves["insertion"].auc[0])), "loop_auc": loop_aucs}
 
 
@@ -118,7 +119,8 @@ def report(results: dict, repeats: int, wall: float, load: tuple) -> str:
     lines = ["# Deletion + insertion cost (CPU)", "",
              f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; CPU: {cpu}; nproc {os.cpu_count()}; "
              f"Python {platform.python_version()}; " + ", ".join(f"{p} {version(p)}" for p in pkgs),
-             f"- {THREADS} threads (ORT intra-op, inter-op 1); image `{IMAGE.relative_to(SHARED.parent)}`, 224x224 input; "
+             f"- {THREADS} threads (ORT intra-op, inter-op 1); image `{IMAGE.relative_to(SHARED.parent)}`, "
+             "224x224 input; "
              f"Grad-CAM map (auto layer, top-1); {STEP} pixels per step (224 steps, 225 points per curve); deletion "
              "baseline zero, insertion baseline blur (Gaussian 11, sigma 5); softmax probability of the top-1 class",
              f"- median (min-max) of {repeats} runs after 1 warm-up round, rows called in turn; "

@@ -35,7 +35,8 @@ RUNS = [
 SANITY = {"model": "squeezenet1_1.onnx", "images": "imagenet_val", "methods": ["gradient", "guided-backprop",
                                                                                "gradcam", "lrp"],
           "count": 2, "steps": 9}
-# per-method costs kept moderate for a page regenerated on a laptop; recorded in the page
+# per-method costs kept moderate for a page regenerated on a laptop; recorded in the page. Images are explained
+# two at a time: Score-CAM holds (images x channels x H x W) masks, 17 GB for ten EfficientNet images.
 OPTIONS = {"smoothgrad": {"n": 10}, "integrated-gradients": {"steps": 16}}
 
 
@@ -45,7 +46,8 @@ def _progress(label: str, total: int):
 
     def update(n):
         done[0] += n
-        print(f"\r{label}: {done[0]}/{total} ({time.perf_counter() - start:.0f} s)", end="", file=sys.stderr, flush=True)
+        print(f"\r{label}: {done[0]}/{total} ({time.perf_counter() - start:.0f} s)", end="", file=sys.stderr,
+              flush=True)
     return update
 
 
@@ -119,7 +121,7 @@ def main() -> None:
              "as noise.", ""]
     for run in RUNS:
         ex, images, evaluations = _evaluate(run, methods, FAITHFULNESS + LOCALIZATION,
-                                            {"step": args.step, "metric_batch_size": 64, "batch_size": 16})
+                                            {"step": args.step, "metric_batch_size": 64, "batch_size": 2})
         evaluation, failed = _merge(evaluations)
         write_evaluation(evaluation, assets / run["name"])
         pre = ex.preprocessing
@@ -138,8 +140,8 @@ def main() -> None:
 
     sanity_run = {"name": "sanity-squeezenet1_1", "model": SANITY["model"], "images": SANITY["images"],
                   "resize": 224, "crop": 224, "target": "gt", "count": SANITY["count"]}
-    ex, images, evaluations = _evaluate(sanity_run, [m for m in SANITY["methods"] if m in methods], ["sanity-cascading"],
-                                        {"sanity_steps": SANITY["steps"], "batch_size": 16})
+    ex, images, evaluations = _evaluate(sanity_run, [m for m in SANITY["methods"] if m in methods],
+                                        ["sanity-cascading"], {"sanity_steps": SANITY["steps"], "batch_size": 2})
     evaluation, failed = _merge(evaluations)
     write_evaluation(evaluation, assets / sanity_run["name"])
     lines += ["## Sanity check: cascading randomisation on squeezenet1_1", "",

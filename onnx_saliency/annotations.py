@@ -280,6 +280,7 @@ def find(annotations: dict[str, ImageAnnotation], image: Path, source) -> ImageA
     """The entry for an image file, by file name."""
     entry = annotations.get(Path(image).name)
     if entry is None:
+        more = " ..." if len(annotations) > 5 else ""
         raise SaliencyError(f"{source}: no entry for image {Path(image).name!r} "
-                            f"(annotated: {', '.join(sorted(annotations)[:5])}{' ...' if len(annotations) > 5 else ''})")
+                            f"(annotated: {', '.join(sorted(annotations)[:5])}{more})")
     return entry

@@ -274,7 +274,7 @@ def settings_lines(evaluation: Evaluation) -> list[str]:
         rc = s.ad_variant == "relevance-cam"
         keep = s.ad_keep if s.ad_keep is not None else (0.5 if rc else None)
         space = s.ad_space or ("pixel" if rc else "input")
-        lines.append(f"AD/IC: {s.ad_variant} variant, softmax probabilities, map min-max normalised"
+        lines.append(f"AD/IC: {s.ad_variant} variant, softmax probabilities, map: positive part min-max normalised"
                      + (f", top {keep:.0%} of pixels kept" if keep else ", whole map")
                      + (", weighting the image pixels then normalising" if space == "pixel"
                         else ", weighting the normalised input tensor")
@@ -284,10 +284,10 @@ def settings_lines(evaluation: Evaluation) -> list[str]:
         lines.append(f"pointing game: map maximum within {s.tolerance:g} input pixels of a box/mask of the explained "
                      "class (all objects when none has that class); mean over images, not per class")
     if "energy-pointing-game" in evaluation.metrics:
-        lines.append("energy pointing game: share of the min-max normalised map inside the boxes/mask")
+        lines.append("energy pointing game: share of the map (positive part, min-max normalised) inside the boxes/mask")
     if "localization" in evaluation.metrics:
-        lines.append(f"localization: map min-max normalised, thresholded at {s.threshold:g}, box of the largest "
-                     "connected component, best IoU with a ground-truth box; accuracy = IoU >= 0.5")
+        lines.append(f"localization: map (positive part) min-max normalised, thresholded at {s.threshold:g}, "
+                     "box of the largest connected component, best IoU with a ground-truth box; accuracy = IoU >= 0.5")
     if any(m.startswith("sanity") for m in evaluation.metrics):
         lines.append(f"sanity: weights replaced from the top by N(0, std(W)) noise (seed {s.seed}); Spearman rank "
                      "correlation and SSIM (Gaussian window, sigma 1.5) of |map| with the original; cascade = all "

@@ -48,8 +48,10 @@ def constant_maps(maps: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
 
 
 def _unit(maps: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1] per map; constant maps become 0."""
-    maps = np.asarray(maps, np.float64)
+    """Positive evidence min-max normalised to [0, 1] per map: negative values (signed maps: evidence
+    against the class) become 0 first, so a signed map is not shifted into a uniform grey; for maps >= 0
+    this is plain min-max. Constant maps become 0."""
+    maps = np.maximum(np.asarray(maps, np.float64), 0)
     lo = maps.min(axis=(1, 2), keepdims=True)
     span = maps.max(axis=(1, 2), keepdims=True) - lo
     return np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1), 0.0)
@@ -218,7 +220,7 @@ def confidence_change(engine, x: np.ndarray, maps: np.ndarray, targets=None, var
                       batch_size: int = 64) -> dict:
     """Average Drop (AD, %) and Increase in Confidence (IC, %) per image, on softmax probabilities.
 
-    The masked input is x weighted by the min-max normalised map N(L), optionally only its top `keep`
+    The masked input is x weighted by the normalised map N(L) (positive part, min-max), optionally only its top `keep`
     share of pixels (the rest zeroed). `space` says what is weighted: "input" multiplies the normalised
     input tensor (pytorch-grad-cam's convention); "pixel" multiplies the image's pixels and normalises
     again, which for an affine preprocessing is ``zero + (x - zero) * m`` with `pixel_zero` the normalised
@@ -311,7 +313,8 @@ def pointing_game(maps: np.ndarray, regions, tolerance: float = 15.0) -> np.ndar
 
 
 def energy_pointing_game(maps: np.ndarray, regions) -> np.ndarray:
-    """(N,) share of the min-max normalised map inside the boxes/mask (Score-CAM); 0..1, higher is better.
+    """(N,) share of the normalised map (positive part, min-max) inside the boxes/mask (Score-CAM); 0..1,
+    higher is better.
     A constant map spreads evenly: its value is the area share of the region."""
     maps = np.asarray(maps)
     _check_regions(maps, regions)
@@ -325,7 +328,7 @@ def energy_pointing_game(maps: np.ndarray, regions) -> np.ndarray:
 
 
 def localization(maps: np.ndarray, regions, threshold: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
-    """(IoU (N,), predicted boxes (N, 4)): threshold the min-max normalised map at `threshold`, box the
+    """(IoU (N,), predicted boxes (N, 4)): threshold the normalised map (positive part, min-max) at `threshold`, box the
     largest 8-connected component, best IoU with a ground-truth box (ILSVRC: correct when >= 0.5)."""
     maps = np.asarray(maps)
     _check_regions(maps, regions)

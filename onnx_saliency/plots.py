@@ -64,7 +64,8 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
     y1 = y1 if y1 > y0 else y0 + 1
 
     def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+        return (left + (x - x0) / (x1 - x0) * (w - left - right),
+                h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
 
     grey, dark = (225, 225, 225), (90, 90, 90)
     ticks = x_ticks if x_ticks is not None else [(t, f"{t:g}") for t in _ticks(x0, x1)]

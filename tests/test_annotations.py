@@ -70,7 +70,7 @@ def test_embedded_samples_map_into_the_default_models_input():
                                                                    56 * 2 / 3]])
     unmatched = multi.regions(4, (96, 128), pre)  # no star here: every object counts, and that is recorded
     assert not unmatched.matched and len(unmatched.boxes) == 2
-    with pytest.raises(SaliencyError, match=r"images\['circle_0.png'\].file_size_wh is \[96, 96\] but the image is 80x96"):
+    with pytest.raises(SaliencyError, match=r"\['circle_0.png'\].file_size_wh is \[96, 96\] but the image is 80x96"):
         entry.regions(0, (96, 80), pre)
 
 
@@ -79,7 +79,8 @@ def test_reads_both_shared_annotation_files(shared):
     val = load_annotations(shared / "images" / "imagenet_val" / "annotations.json")
     assert len(val) == 10
     pom = val["ILSVRC2012_val_00000057.JPEG"]
-    assert pom.classes == [259] and [o.box for o in pom.objects] == [(27.8, 81.8, 130.4, 215.6), (61.8, 30.5, 196.2, 195.9)]
+    assert pom.classes == [259]
+    assert [o.box for o in pom.objects] == [(27.8, 81.8, 130.4, 215.6), (61.8, 30.5, 196.2, 195.9)]
     reg = pom.regions(259, (224, 224), Preprocessing(resize=256, crop=224))
     s = 256 / 224  # 224 -> 256, then a 16-pixel centre crop offset
     assert np.allclose(reg.boxes[0], [27.8 * s - 16, 81.8 * s - 16, 130.4 * s - 16, 224])  # clipped to the crop

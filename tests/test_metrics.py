@@ -98,6 +98,10 @@ def test_pointing_game_energy_and_localization_on_the_box(box_engine):
     assert iou[0] == 1.0 and boxes[0].tolist() == list(BOX)
     assert iou[1] == pytest.approx(36 / 256)  # the complement's component boxes the whole image
     assert iou[3] == 0.0  # constant: nothing above the threshold
+    checker = np.indices((S, S)).sum(0) % 2
+    signed = _box_map() - 0.8 * (1 - _box_map()) * checker  # outside: 0 or evidence against the class
+    assert M.energy_pointing_game(signed[None], regions[:1])[0] == 1.0  # negative evidence is not "energy"
+    assert M.localization(signed[None], regions[:1])[0][0] == 1.0
     mask = np.zeros((S, S), bool)
     mask[3:9, 4:10] = True
     with_mask = [InputRegions(np.zeros((0, 4)), mask, True, (S, S))] * 2
@@ -114,6 +118,11 @@ def test_average_drop_and_increase_in_confidence(box_engine):
     box = _box_map()
     maps = np.stack([box, 1 - box])
     ones = np.ones((2, 3, S, S), np.float32)
+    signed = box.copy() - (1 - box)
+    signed[:, 7:] = np.where(box[:, 7:] > 0, 0, -1)  # the right half of the box (x 7..9) has value 0
+    r = M.confidence_change(box_engine, ones[:1], signed[None], [0])
+    half = 1 / (1 + np.exp(-2 * GAIN * 3 * 18))  # a signed map weights by its positive part: 0 stays 0
+    assert r["o"][0] == pytest.approx(half)
     r = M.confidence_change(box_engine, ones, maps, [0, 0])
     y = 1 / (1 + np.exp(-2 * GAIN * 3 * 36))
     assert r["average_drop"] == pytest.approx([0, 100 * (y - 0.5) / y], abs=1e-6)
@@ -210,5 +219,6 @@ def test_evaluate_cli_fails_cleanly(tiny, tmp_path):
     assert r.exit_code == 2 and "--metric 'auc': unknown" in r.output
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": {"img0.png": {"objects": [{"box": [5, 5, 1, 9]}]}}}))
-    r = runner.invoke(main, ["evaluate", str(model), str(folder), "--metric", "localization", "--annotations", str(bad)])
+    r = runner.invoke(main, ["evaluate", str(model), str(folder), "--metric", "localization",
+                             "--annotations", str(bad)])
     assert r.exit_code == 2 and "bad.json" in r.output and "objects[0].box" in r.output
