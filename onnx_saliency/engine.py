@@ -128,12 +128,18 @@ class Engine:
         """
         key, build = self.graph(expose, wrt, rules, "free" if seed is not None else "targets")
         sess, names, _ = self.session(key, build)
-        batch_size = self.fit_batch(batch_size, x.shape[2:], backward=bool(wrt))
         wanted = list(outputs) if outputs is not None else [n for n in names if n != self.model.output_name
                                                             or n == self.model.score_tensor]
+        return self.run_session(sess, wanted, x, targets, seed=seed, batch_size=batch_size,
+                                where=self.model.path.name)
+
+    def run_session(self, sess, wanted: list[str], x: np.ndarray, targets=None, *, seed=None,
+                    batch_size: int = 32, where: str = "", backward: bool = True) -> dict[str, np.ndarray]:
+        """Feed `x` (and targets, or a free seed) to a cached session in batches that fit the memory budget;
+        concatenate the `wanted` outputs, count the calls, and stop on NaN/Inf naming the node it starts at."""
         n = len(x)
-        if targets is None:
-            targets = np.full(n, -1, np.int64)
+        targets = np.full(n, -1, np.int64) if targets is None else np.asarray(targets, np.int64)
+        batch_size = self.fit_batch(batch_size, x.shape[2:], backward=backward)
         results: dict[str, list] = {k: [] for k in wanted}
         for start in range(0, n, max(1, batch_size)):
             sl = slice(start, start + batch_size)
@@ -141,7 +147,7 @@ class Engine:
             if seed is not None:
                 feeds[self.model.score_tensor + "__seed"] = np.ascontiguousarray(seed[sl], dtype=np.float32)
             else:
-                feeds[gp.TARGETS_INPUT] = np.asarray(targets[sl], np.int64)
+                feeds[gp.TARGETS_INPUT] = targets[sl]
             try:
                 values = sess.run(wanted, feeds)
             except Exception as err:
@@ -150,7 +156,7 @@ class Engine:
             for k, v in zip(wanted, values):
                 results[k].append(v)
         out = {k: np.concatenate(v) if v and v[0].ndim else np.asarray(v) for k, v in results.items()}
-        check_finite(out, self.model.path.name, self.nonfinite_locator(sess, x, targets, seed))
+        check_finite(out, where or self.model.path.name, self.nonfinite_locator(sess, x, targets, seed))
         return out
 
     def forward(self, x: np.ndarray, batch_size: int = 32, targets=None) -> dict[str, np.ndarray]:

@@ -347,22 +347,8 @@ def relevance_at(engine, x: np.ndarray, targets=None, at=None, composite="epsilo
 
 def _run(engine, sess, wanted, x, targets, batch_size, comp, at, init, extra_keys=()):
     model = engine.model
-    n = len(x)
-    targets = np.full(n, -1, np.int64) if targets is None else np.asarray(targets, np.int64)
-    batch_size = engine.fit_batch(batch_size, x.shape[2:])
-    parts: dict = {k: [] for k in wanted}
-    for start in range(0, n, max(1, batch_size)):
-        sl = slice(start, start + batch_size)
-        feeds = {model.input_name: np.ascontiguousarray(x[sl], np.float32), gp.TARGETS_INPUT: targets[sl]}
-        try:
-            values = sess.run(wanted, feeds)
-        except Exception as err:
-            raise SaliencyError(f"onnxruntime failed on {model.path.name}: {str(err).splitlines()[0]}") from err
-        engine.calls += 1
-        for k, v in zip(wanted, values):
-            parts[k].append(v)
-    arrays = {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in parts.items()}
-    check_finite(arrays, f"{model.path.name} (LRP {comp.name})", engine.nonfinite_locator(sess, x, targets))
+    arrays = engine.run_session(sess, wanted, x, targets, batch_size=batch_size,
+                                where=f"{model.path.name} (LRP {comp.name})")
     score = model.score_tensor
     scores = arrays[score]
     tc = arrays[gp.RESOLVED]

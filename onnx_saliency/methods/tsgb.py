@@ -46,20 +46,8 @@ class TSGB(Method):
 
         sess, _, _ = engine.session(("tsgb", tuple(classifier)), build)
         wanted = [gp.RESOLVED, gp.TARGET_SCORE, gp.grad_name(inp)]
-        parts: dict = {k: [] for k in wanted}
-        batch = engine.fit_batch(req.batch_size, req.x.shape[2:])
-        for start in range(0, len(req.x), batch):
-            sl = slice(start, start + batch)
-            feeds = {inp: np.ascontiguousarray(req.x[sl]), gp.TARGETS_INPUT: np.asarray(req.targets[sl], np.int64)}
-            try:
-                values = sess.run(wanted, feeds)
-            except Exception as err:
-                raise SaliencyError(f"onnxruntime failed on {model.path.name}: {str(err).splitlines()[0]}") from err
-            engine.calls += 1
-            for k, v in zip(wanted, values):
-                parts[k].append(v)
-        out = {k: np.concatenate(v) for k, v in parts.items()}
-        check_finite(out, f"{model.path.name} (tsgb)", engine.nonfinite_locator(sess, req.x, req.targets))
+        out = engine.run_session(sess, wanted, req.x, req.targets, batch_size=req.batch_size,
+                                 where=f"{model.path.name} (tsgb)")
         attr = (req.x * out[gp.grad_name(inp)]).astype(np.float32)
         ops = {node.name: node.op_type for node in model.canonical.graph.node}
         notes = ["TSGB-FC on " + ", ".join(f"{n} ({ops[n]}{', per position' if ops[n] == 'Conv' else ''})"
