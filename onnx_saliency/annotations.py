@@ -226,6 +226,10 @@ def _parse_object(path: Path, obj, where: str, image_classes) -> AnnotatedObject
         if not isinstance(obj["mask"], str) or not obj["mask"]:
             raise SaliencyError(f"{where}.mask: expected a file name relative to the annotations file")
         mask = path.parent / obj["mask"]
+        # masks come from the annotations' own folder: no absolute paths, '..' or symlinks leading out of it
+        root = path.parent.resolve()
+        if Path(obj["mask"]).is_absolute() or not mask.resolve().is_relative_to(root):
+            raise SaliencyError(f"{where}.mask: {obj['mask']!r} points outside the annotations folder; refusing to read it")
         if not mask.is_file():
             raise SaliencyError(f"{where}.mask: no such file {mask}")
     if box is None and mask is None:

@@ -130,3 +130,16 @@ def test_malformed_files_name_the_file_and_key(tmp_path, content, message):
 def test_missing_file():
     with pytest.raises(SaliencyError, match="--annotations /nonexistent.json: no such file"):
         load_annotations("/nonexistent.json")
+
+
+@pytest.mark.parametrize("where", ["../outside.png", "/etc/hostname", "link.png"])
+def test_mask_paths_may_not_leave_the_annotations_folder(tmp_path, where):
+    folder = tmp_path / "ann"
+    folder.mkdir()
+    outside = tmp_path / "outside.png"
+    cv2.imwrite(str(outside), np.full((4, 4), 255, np.uint8))
+    (folder / "link.png").symlink_to(outside)
+    path = folder / "a.json"
+    path.write_text(json.dumps({"images": {"x.png": {"objects": [{"mask": where}]}}}))
+    with pytest.raises(SaliencyError, match=r"objects\[0\].mask: .* points outside the annotations folder"):
+        load_annotations(path)
