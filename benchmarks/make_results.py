@@ -134,7 +134,7 @@ def main() -> None:
                   "(the files are already 224x224)",
                   "- method options: defaults, except " + ", ".join(f"{m} {o}" for m, o in OPTIONS.items()), ""]
         lines += [f"- {line}" for line in settings_lines(evaluation)] + ["", markdown_table(evaluation), ""]
-        lines += [f"- {m}: failed ({why})" for m, why in failed]
+        lines += [f"- {m}: failed ({why})" for m, why in failed] + ([""] if failed else [])
         lines += [f"![deletion curves](results/{run['name']}/deletion_curves.png)",
                   f"![insertion curves](results/{run['name']}/insertion_curves.png)", ""]
 
