@@ -12,9 +12,14 @@ from .postprocess import colorize
 
 __all__ = ["line_chart", "map_strip", "stack_vertical", "PALETTE"]
 
-# Okabe-Ito colours: distinguishable with colour-vision deficiencies
+# Okabe-Ito colours (distinguishable with colour-vision deficiencies) for few lines; tab20 for many
 PALETTE = [(0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (213, 94, 0),
            (240, 228, 66), (0, 0, 0)]
+PALETTE_MANY = [(31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44), (152, 223, 138),
+                (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213), (140, 86, 75), (196, 156, 148),
+                (227, 119, 194), (247, 182, 210), (127, 127, 127), (199, 199, 199), (188, 189, 34), (219, 219, 141),
+                (23, 190, 207), (158, 218, 229)]
+MAX_BANDS = 4  # more overlapping bands are unreadable
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
@@ -44,8 +49,14 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
     """series: name -> (x, y), one coloured line each with a legend; NaN points are skipped.
     bands: name -> (x, low, high), a light band drawn under the line of the same name (e.g. mean +- std)."""
     h, w = size
+    palette = PALETTE if len(series) <= len(PALETTE) else PALETTE_MANY
+    bands = bands if bands and len(series) <= MAX_BANDS else None
+    # the legend gets its own column right of the frame, and the picture grows to fit it
+    legend_w = max([_text_width(n) for n in series] + [0]) + 40
+    h = max(h, (30 if title else 12) + 16 * len(series) + 20)
+    w = w + legend_w
     img = np.full((h, w, 3), 255, np.uint8)
-    left, right, top, bottom = 58, 16, 30 if title else 12, 44
+    left, right, top, bottom = 58, 16 + legend_w, 30 if title else 12, 44
     xs = [np.asarray(v[0], float) for v in series.values()]
     ys = [np.asarray(v[1], float) for v in series.values()]
     finite = [y[np.isfinite(y)] for y in ys] + [np.asarray(b[1], float) for b in (bands or {}).values()] \
@@ -80,7 +91,7 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
         _text(img, label, (left - 6 - _text_width(label, 0.35), Y + 4), 0.35, dark)
     cv2.rectangle(img, (left, top), (w - right, h - bottom), dark, 1)
     for k, name in enumerate(series):
-        color = PALETTE[k % len(PALETTE)]
+        color = palette[k % len(palette)]
         if bands and name in bands:
             bx, lo, hi = (np.asarray(v, float) for v in bands[name])
             ok = np.isfinite(lo) & np.isfinite(hi)
@@ -90,19 +101,18 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
                 cv2.fillPoly(overlay, [np.round(np.array(poly)).astype(np.int32)], color)
                 img = cv2.addWeighted(overlay, 0.15, img, 0.85, 0)
     for k, (name, (x, y)) in enumerate(series.items()):
-        color = PALETTE[k % len(PALETTE)]
+        color = palette[k % len(palette)]
         pts = [px(a, b) for a, b in zip(np.asarray(x, float), np.asarray(y, float)) if np.isfinite(b)]
         pts = np.round(np.array(pts)).astype(np.int32) if pts else np.zeros((0, 2), np.int32)
         if len(pts) > 1:
             cv2.polylines(img, [pts], False, color, 2, cv2.LINE_AA)
-        if len(pts) <= 40:
+        if len(pts) <= 40 and len(series) <= len(PALETTE):  # markers only while they stay legible
             for p in pts:
                 cv2.circle(img, tuple(int(v) for v in p), 3, color, -1, cv2.LINE_AA)
-    # legend, top right inside the frame
-    lx = w - right - 8 - max([_text_width(n) for n in series] + [0]) - 26
+    lx = w - legend_w + 4
     for k, name in enumerate(series):
-        y = top + 16 + 16 * k
-        cv2.line(img, (lx, y - 4), (lx + 18, y - 4), PALETTE[k % len(PALETTE)], 3)
+        y = top + 12 + 16 * k
+        cv2.line(img, (lx, y - 4), (lx + 18, y - 4), palette[k % len(palette)], 3)
         _text(img, name, (lx + 24, y))
     if title:
         _text(img, title, (left, 20), 0.5, (0, 0, 0), 1)
