@@ -73,6 +73,11 @@ def guided_relu_rule(b, node, gy, want):
     return [_where(b, b.add("Greater", [node.input[0], b.const(0.0)]), b.add("Relu", [gy[0]]))]
 
 
+def guided_clip_rule(b, node, gy, want):
+    """Guided backprop through ReLU6-style Clip: the Clip mask, and only positive gradients pass."""
+    return clip_rule(b, node, [b.add("Relu", [gy[0]])], want)
+
+
 def leaky_relu_rule(b, node, gy, want):
     alpha = attrs(node).get("alpha", 0.01)
     g = gy[0]
@@ -436,4 +441,4 @@ PLAIN = {
     "Unsqueeze": reshape_like_input_rule, "Transpose": transpose_rule, "Concat": concat_rule, "Pad": pad_rule,
 }
 
-GUIDED = {**PLAIN, "Relu": guided_relu_rule}
+GUIDED = {**PLAIN, "Relu": guided_relu_rule, "Clip": guided_clip_rule}

@@ -286,3 +286,15 @@ def test_unknown_tensor_and_weight():
         append_vjp(model, "y", ["nope"])
     with pytest.raises(GraphPassError, match="is a weight"):
         append_vjp(model, "y", ["w"])
+
+
+def test_guided_rule_covers_clip():
+    """Guided backprop through ReLU6 (Clip 0..6) passes only positive gradients inside (0, 6)."""
+    rng = np.random.default_rng(15)
+    x = _away_from(rng.standard_normal((1, 2, 3, 3)).astype(np.float32) * 5, [0.0, 6.0])
+    model = make_model([helper.make_node("Clip", ["x", "lo", "hi"], ["y"])], [("x", x.shape)], [("y", None)],
+                       {"lo": np.float32(0), "hi": np.float32(6)})
+    seed = rng.standard_normal(x.shape).astype(np.float32)
+    g = session(append_vjp(model, "y", ["x"], rules=vjp_rules.GUIDED)).run(
+        [grad_name("x")], {"x": x, "y__seed": seed})[0]
+    np.testing.assert_array_equal(g, np.where((x > 0) & (x < 6) & (seed > 0), seed, 0))
