@@ -72,10 +72,11 @@ def checked(model: onnx.ModelProto, pass_name: str) -> onnx.ModelProto:
     return model
 
 
-def infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with shapes inferred for every tensor (computed on the weight-free skeleton)."""
+def infer(model: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
+    """A copy of `model` with shapes inferred for every tensor (computed on the weight-free skeleton);
+    inplace: annotate `model` itself (for a pass's own intermediate copy: saves a copy of the weights)."""
     inferred = shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True)
-    out = clone(model)
+    out = model if inplace else clone(model)
     del out.graph.value_info[:]
     out.graph.value_info.extend(inferred.graph.value_info)
     del out.graph.output[:]

@@ -73,12 +73,12 @@ def canonicalize(model: onnx.ModelProto, *, fold_bn: bool = True, absorb_input_t
         report.kept_bn = [n.name for n in m.graph.node if n.op_type == "BatchNormalization"]
     if absorb_input_transpose:
         _absorb_input_transpose(m, report)
-    m = infer(_strip_value_info(m))
+    m = infer(_strip_value_info(m), inplace=True)
     _normalise_flatten(m, report)
     unique_node_names(m)  # the fusion log names nodes
     if fuse_affine:
-        m = fuse_affine_pass(infer(_strip_value_info(m)), report.fused_affine)
-    m = infer(_strip_value_info(m))
+        m = fuse_affine_pass(infer(_strip_value_info(m), inplace=True), report.fused_affine)
+    m = infer(_strip_value_info(m), inplace=True)
     report.nodes_after = len(m.graph.node)
     m = checked(m, "canonicalize")
     return (m, report) if return_report else m
@@ -119,7 +119,7 @@ def _fold_constants(m: onnx.ModelProto, report: CanonicalizeReport) -> onnx.Mode
     for node in proto.graph.node:
         if node.name in tensors:
             node.name += _NODE_SUFFIX
-    graph = gs.import_onnx(infer(proto))
+    graph = gs.import_onnx(infer(proto, inplace=True))
     before = {n.name or id(n): n.op for n in graph.nodes}
     try:
         graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()

@@ -212,6 +212,7 @@ class LRPAnalysis:
     nonneg: set = field(default_factory=set)          # tensors known >= 0
     nodes: dict = field(default_factory=dict)         # node name -> NodeProto
     activations: set = field(default_factory=set)     # tensors that depend on a graph input
+    floor_zero: set = field(default_factory=set)      # Relu and Clip(0, .) nodes: output <= 0 iff input <= 0
 
 
 _NONNEG_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
@@ -319,10 +320,14 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                     a.gates[node.name] = 1 if gate[0] else 0
         if op == "Relu" or op == "Sigmoid" or op == "HardSigmoid" or op == "Softmax":
             a.nonneg.add(node.output[0])
+            if op == "Relu":
+                a.floor_zero.add(node.name)
         elif op == "Clip" and len(node.input) > 1 and node.input[1]:
             lo = const(node.input[1])
             if lo is not None and float(lo) >= 0:
                 a.nonneg.add(node.output[0])
+                if float(lo) == 0:
+                    a.floor_zero.add(node.name)
         elif op in ("Add", "Sum") and all(i in a.nonneg for i in node.input):
             a.nonneg.add(node.output[0])
         elif op in _NONNEG_PRESERVING and all(i in a.nonneg for i in node.input[:1] if i) and (
@@ -336,15 +341,62 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
     return a
 
 
+def positive_support(rules: Mapping[str, LRPRule], analysis: LRPAnalysis, start: str | None) -> set:
+    """Tensors t whose relevance is provably 0 wherever t <= 0, given the rules (a backward sweep).
+
+    It holds when every consumer hands t relevance of the form t (.) g with t >= 0 (linear rules on x / x+,
+    Norm), or x+ (.) g, or routes the relevance of an output that holds it element for element (Relu and
+    Clip(0, .) pass, MaxPool winner-take-all, shape ops). There the signed stabiliser y + eps*sign0(y) of a
+    Norm or epsilon rule may be replaced by relu(y) + eps: equal where y > 0, and where y <= 0 the numerator
+    is exactly 0 either way. That drops the Less/Where pair, which onnxruntime runs slowly, from every residual
+    Add of a ResNet. The seeded tensor `start` never qualifies."""
+    nodes = list(analysis.nodes.values())
+    cons: dict = {}
+    for n in nodes:
+        for i in n.input:
+            if i:
+                cons.setdefault(i, []).append(n)
+    routes = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "Concat",
+              "MaxPool"}
+    support: set = set()
+
+    def gives_supported(c, t: str) -> bool:
+        rule = rules.get(c.name)
+        if rule is None:  # off the relevance path: contributes nothing
+            return True
+        nonneg = t in analysis.nonneg
+        if rule.kind == "linear":
+            if c.input[0] != t:
+                return True
+            return all(term.input == "x+" or (nonneg and term.input in ("x", "x-"))
+                       for group in rule.groups for term in group.terms)
+        if rule.kind == "norm":
+            return nonneg
+        if rule.kind == "pass" and c.name in analysis.floor_zero:
+            return c.output[0] in support
+        if rule.kind == "gradient" and c.op_type in routes:
+            return (c.op_type == "Concat" or c.input[0] == t) and c.output[0] in support
+        return False
+
+    for n in reversed(nodes):
+        for o in n.output:
+            if o and o != start and all(gives_supported(c, o) for c in cons.get(o, [])):
+                support.add(o)
+    return support
+
+
 # --- emission -----------------------------------------------------------------------------------------------
 
-def _stab_div(b, r: str, z: str, eps: float, nonneg: bool = False) -> str:
+def _stab_div(b, r: str, z: str, eps: float, nonneg: bool = False, positive: str | None = None) -> str:
     """r / (z + eps * sign0(z)) with sign0(0) = +1 (zennit's stabiliser); eps = 0: r / z, and 0 where z = 0.
 
     nonneg: z is known >= 0, so sign0(z) = +1 everywhere and the Less/Where pair (the slowest part of the
-    stabiliser in onnxruntime) is not needed; the values are the same."""
+    stabiliser in onnxruntime) is not needed; the values are the same. positive: relu(z), given where r is
+    0 wherever z <= 0 (see positive_support); r / (relu(z) + eps) then has the same values."""
     if eps and nonneg:
         return b.add("Div", [r, b.add("Add", [z, b.const(eps)])])
+    if eps and positive:
+        return b.add("Div", [r, b.add("Add", [positive, b.const(eps)])])
     if eps:
         shift = b.add("Where", [b.add("Less", [z, b.const(0.0)]), b.const(-eps), b.const(eps)])
         return b.add("Div", [r, b.add("Add", [z, shift])])
@@ -435,11 +487,20 @@ class _Linear:
     def transpose(self, s: str, w: np.ndarray, kind: str = "") -> str:
         """W^T s for the (modified) weight w; `kind` "w" with no fused tail may reuse the graph's own weight."""
         b, node = self.b, self.node
+        group = attrs(node).get("group", 1) if node.op_type == "Conv" else 1
+        if group == 1 and w.size > 1 and np.all(w == w.flat[0]):
+            # a constant weight (flat rule): every output channel gets the same W^T s, which depends on s only
+            # through its channel sum, so transpose that one channel (64x less work on a ResNet's first layer)
+            if node.op_type == "Conv":  # a 1x1 Conv sums channels ~3x faster than ReduceSum in onnxruntime
+                s = b.add("Conv", [s, b.const(np.ones((1, w.shape[0]) + (1,) * (w.ndim - 2), np.float32))])
+                w = w[:1]
+            else:
+                s = b.add("ReduceSum", [s, b.const(np.array([-1], np.int64), np.int64)], keepdims=1)
+                w = w[:, :1]
         if node.op_type == "Conv":
             from .vjp_rules import _spatial, _transpose_geometry
 
             kernel = list(attrs(node).get("kernel_shape", w.shape[2:]))
-            group = attrs(node).get("group", 1)
             xs, ys, strides, dil, begins, ends = _spatial(b, node, node.input[0], node.output[0], kernel)
             k_eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
             if all(st == 1 for st in strides) and all(0 <= p <= k - 1 for p, k in zip(begins + ends, k_eff * 2)):
@@ -513,7 +574,15 @@ def _group_nonneg(group: Group, nonneg_input: bool, has_bias: bool) -> bool:
     return True
 
 
-def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis):
+def _relu_of(b, y: str, analysis: LRPAnalysis) -> str:
+    """relu(y): the graph's own Relu of y where there is one (already computed by the forward), else a new one."""
+    for n in analysis.nodes.values():
+        if n.op_type == "Relu" and n.input[0] == y:
+            return n.output[0]
+    return b.add("Relu", [y])
+
+
+def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis, support: set = frozenset()):
     def emit(b, node, gy, want):
         R = gy[0]
         out = [None] * len(node.input)
@@ -554,7 +623,9 @@ def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis):
             if group.mask:
                 cond = b.add("Greater" if group.mask == "pos" else "Less", [y, b.const(0.0)])
                 r = b.add("Where", [cond, R, b.const(0.0)])
-            s = b.add("Div", [r, z]) if folded else _stab_div(b, r, z, rule.eps, nonneg=nonneg_z)
+            positive = (_relu_of(b, y, analysis) if rule.reuses_forward and y in support and y not in analysis.nonneg
+                        else None)
+            s = b.add("Div", [r, z]) if folded else _stab_div(b, r, z, rule.eps, nonneg=nonneg_z, positive=positive)
             for t in group.terms:
                 if _input_tensor(b, t.input, x, rule, nonneg, inputs) is None:
                     continue
@@ -586,12 +657,14 @@ def _compile_pass(b, node, gy, want):
     return [gy[0]] + [None] * (len(node.input) - 1)
 
 
-def _compile_norm(rule: LRPRule, analysis: LRPAnalysis):
+def _compile_norm(rule: LRPRule, analysis: LRPAnalysis, support: set = frozenset()):
     def emit(b, node, gy, want):
         from . import vjp_rules
 
         R, y, op = gy[0], node.output[0], node.op_type
-        s = _stab_div(b, R, y, rule.eps, nonneg=y in analysis.nonneg)
+        nonneg = y in analysis.nonneg
+        positive = _relu_of(b, y, analysis) if y in support and not nonneg and rule.eps else None
+        s = _stab_div(b, R, y, rule.eps, nonneg=nonneg, positive=positive)
         if op in ("Add", "Sum", "Sub"):
             out = []
             for i, (x, w) in enumerate(zip(node.input, want)):
@@ -687,20 +760,21 @@ def _gradient_ops():
     return set(PLAIN)
 
 
-def compile_rules(rules: Mapping[str, LRPRule], analysis: LRPAnalysis) -> dict:
-    """node name -> append_vjp rule function."""
+def compile_rules(rules: Mapping[str, LRPRule], analysis: LRPAnalysis, start: str | None = None) -> dict:
+    """node name -> append_vjp rule function; `start` is the tensor the initial relevance is seeded at."""
     from .vjp_rules import PLAIN
 
+    support = positive_support(rules, analysis, start)
     out = {}
     for name, rule in rules.items():
         node = analysis.nodes[name]
         check_rule(rule, node, analysis)
         if rule.kind == "linear":
-            out[name] = _compile_linear(rule, analysis.linear[name], analysis)
+            out[name] = _compile_linear(rule, analysis.linear[name], analysis, support)
         elif rule.kind == "pass":
             out[name] = _compile_pass
         elif rule.kind == "norm":
-            out[name] = _compile_norm(rule, analysis)
+            out[name] = _compile_norm(rule, analysis, support)
         elif rule.kind == "gradient":
             out[name] = PLAIN[node.op_type]
         elif rule.kind == "proportional":
@@ -721,7 +795,7 @@ def append_lrp(model: onnx.ModelProto, output: str, at: list[str], *, seed: str 
     exposed as outputs and (node, output names, input names) tuples appended to it (per-layer conservation).
     """
     analysis = analysis or analyze(model)
-    compiled = compile_rules(rules, analysis)
+    compiled = compile_rules(rules, analysis, start=output)
     if record is not None:
         compiled = {k: _recording(k, f, record) for k, f in compiled.items()}
     shaped: dict = {}  # relevance tensor -> the forward tensor it has the shape of

@@ -277,6 +277,20 @@ def maxpool_rule(b, node, gy, want):
     if attrs(node).get("storage_order", 0) != 0:
         _unsupported(b, "storage_order=1 is not supported")
     x, idx = node.input[0], node.output[1]
+    a = attrs(node)
+    kernel = list(a["kernel_shape"])
+    dil = list(a.get("dilations", [1] * len(kernel)))
+    strides = list(a.get("strides", [1] * len(kernel)))
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if (all((k - 1) * d + 1 <= s for k, d, s in zip(kernel, dil, strides)) and not a.get("ceil_mode", 0)
+            and auto_pad in ("NOTSET", "VALID")):
+        # windows do not overlap, so no input is the argmax of two outputs: MaxUnpool places each gradient at
+        # its argmax directly (about 5x faster than zero-filling and a ScatterElements(add) in onnxruntime);
+        # the pads only keep onnxruntime's minimum-size check in line with the pool's geometry
+        pads = list(a.get("pads", [0] * 2 * len(kernel)))
+        return [b.add("MaxUnpool", [gy[0], idx, b.add("Shape", [x])], kernel_shape=kernel, strides=strides,
+                      pads=pads)]
     flat_shape = b.const([-1], np.int64)
     size = b.add("Reshape", [b.add("Size", [x]), b.const([1], np.int64)])
     zeros = b.add("ConstantOfShape", [size], value=numpy_helper.from_array(np.zeros(1, np.float32)))

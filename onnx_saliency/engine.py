@@ -13,6 +13,7 @@ it, by re-running the failing image with every intermediate tensor exposed.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable
 
@@ -22,7 +23,7 @@ import onnx
 import graph_passes as gp
 
 from .errors import NumericalError, SaliencyError
-from .model import LoadedModel
+from .model import LoadedModel, release_freed_memory
 
 RULE_SETS = {"plain": None, "guided": gp.vjp_rules.GUIDED}
 DEFAULT_MEMORY_BUDGET = 2 << 30
@@ -71,18 +72,25 @@ class Engine:
 
     # --- sessions -------------------------------------------------------------------------------------
     def session(self, key: tuple, build: Callable[[onnx.ModelProto], onnx.ModelProto]):
-        """The cached (session, output names) for the graph `build(canonical)` identified by `key`."""
+        """The cached (session, output names, rebuild) for the graph `build(canonical)` identified by `key`.
+
+        The rewritten graph is not kept: onnxruntime holds its own copy of the weights, and the proto (the
+        model's weights two or three times over for LRP) would double the resident memory. `rebuild()` makes it
+        again where a diagnosis needs it (the NaN locator)."""
         with self._lock:
             if key not in self._sessions:
                 ort = import_onnxruntime()
-                graph = build(self.model.canonical)
+                data = build(self.model.canonical).SerializeToString()
                 opts = ort.SessionOptions()
                 if self.threads:
                     opts.intra_op_num_threads = self.threads
                     opts.inter_op_num_threads = 1
                 opts.log_severity_level = 3
-                sess = ort.InferenceSession(graph.SerializeToString(), opts, providers=self._providers)
-                self._sessions[key] = (sess, [o.name for o in sess.get_outputs()], graph)
+                sess = ort.InferenceSession(data, opts, providers=self._providers)
+                del data
+                release_freed_memory()
+                rebuild = functools.partial(build, self.model.canonical)
+                self._sessions[key] = (sess, [o.name for o in sess.get_outputs()], rebuild)
             return self._sessions[key]
 
     def active_provider(self) -> str:
@@ -184,8 +192,8 @@ class Engine:
         """A callback for :func:`check_finite`: where NaN/Inf first appears in `sess`'s graph for `x`."""
 
         def locate(name: str, array: np.ndarray) -> str | None:
-            graph = next((g for s, _, g in self._sessions.values() if s is sess), None)
-            if graph is None or array.ndim == 0 or len(array) != len(x):
+            rebuild = next((g for s, _, g in self._sessions.values() if s is sess), None)
+            if rebuild is None or array.ndim == 0 or len(array) != len(x):
                 return None
             i = int(np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))[0])
             feeds = {self.model.input_name: np.ascontiguousarray(x[i:i + 1], np.float32)}
@@ -194,7 +202,7 @@ class Engine:
             else:
                 t = np.full(len(x), -1, np.int64) if targets is None else np.asarray(targets, np.int64)
                 feeds[gp.TARGETS_INPUT] = t[i:i + 1]
-            return first_nonfinite_node(graph, feeds, self._providers)
+            return first_nonfinite_node(rebuild(), feeds, self._providers)
 
         return locate
 

@@ -226,6 +226,72 @@ def test_rule_map_json(tmp_path):
             lrp.load_rule_map(path, low, high)
 
 
+def _ops(model) -> list:
+    return [n.op_type for n in model.graph.node]
+
+
+def test_positive_support_drops_the_signed_stabiliser_with_the_same_values(tmp_path, monkeypatch):
+    """The residual Add's output only ever gets relevance where it is > 0 (it feeds a Relu whose output
+    reaches z+ layers and a Norm pool), so relu(y) + eps replaces y + eps*sign0(y): the Less/Where pair is
+    gone and every value is the same. The biases make the Add's output negative in places."""
+    model = built_graph(bias=True)
+    engine = _engine(model, tmp_path)
+    m = engine.model
+    comp = lrp.get_composite("epsilon-plus-flat")
+    analysis = R.analyze(m.canonical)
+    support = R.positive_support(comp.assign(m.canonical, analysis), analysis, m.score_tensor)
+    assert {"a1", "c1", "p1", "r2", "h"} <= support
+    assert "x" not in support and "logits" not in support  # flat's ones-input term; the seeded scores
+    x = _x()
+    fast_graph = lrp.build_relevance_graph(m.canonical, "logits", 5, ["x"], comp)
+    fast = lrp.relevance_at(engine, x, composite=comp)["relevance"]["x"]
+    monkeypatch.setattr(R, "positive_support", lambda *a, **k: set())
+    slow_graph = lrp.build_relevance_graph(m.canonical, "logits", 5, ["x"], comp)
+    slow = lrp.relevance_at(_engine(model, tmp_path, "m2.onnx"), x, composite=comp)["relevance"]["x"]
+    assert _ops(slow_graph).count("Where") > _ops(fast_graph).count("Where")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m.canonical)
+    probe.graph.output.append(helper.make_tensor_value_info("a1", onnx.TensorProto.FLOAT, None))
+    a1 = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(["a1"], {"x": x})[0]
+    assert (a1 < 0).mean() > 0.1  # the shortcut is exercised on signed values
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6 * np.abs(slow).max())
+
+
+def test_positive_support_needs_every_consumer():
+    """A Relu output that a Sigmoid also reads does not qualify: the Sigmoid passes relevance on to it where it
+    is 0 (sigmoid(0) = 0.5), and so neither does the conv before it. The Sigmoid's output, always > 0, does."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Sigmoid", ["r1"], ["s1"], name="sig"),
+             helper.make_node("Add", ["r1", "s1"], ["a"], name="add"),
+             helper.make_node("GlobalAveragePool", ["a"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w2"], ["logits"], name="fc")]
+    model = make_model(nodes, [("x", (None, 2, 5, 5))], [("logits", (None, 3))],
+                       {"w1": _w(rng, 4, 2, 3, 3), "w2": _w(rng, 4, 3)})
+    canonical = gp.canonicalize(model)
+    analysis = R.analyze(canonical)
+    rules = lrp.get_composite("epsilon-plus-flat").assign(canonical, analysis)
+    support = R.positive_support(rules, analysis, "logits")
+    assert {"a", "g", "f", "s1"} <= support  # Norm on the Add and the pool, the Gemm's x-term
+    assert not {"r1", "c1", "x", "logits"} & support
+
+
+def test_flat_rule_on_a_dense_layer():
+    """Flat on a Gemm: every input gets sum(R) / (K + eps) (computed from the channel sum of R only)."""
+    rng = np.random.default_rng(6)
+    w = _w(rng, 12, 4)
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w"], ["logits"], name="fc")]
+    model = make_model(nodes, [("x", (None, 2, 3, 2))], [("logits", (None, 4))], {"w": w})
+    x = _x(2, shape=(2, 3, 2))
+    rel = _run_graph(gp.canonicalize(model), x, lrp.uniform(R.Flat(stabilizer=1e-6)))
+    start = (x.reshape(2, -1).astype(np.float64) @ w).max(axis=1)  # one-hot x logit of the top class
+    expected = np.broadcast_to((start / (12 + 1e-6))[:, None, None, None], x.shape)
+    np.testing.assert_allclose(rel, expected, rtol=1e-5)
+
+
 # --- fused affine tails, gates -----------------------------------------------------------------------------
 
 def _run_graph(canonical, x, composite, init="logit"):

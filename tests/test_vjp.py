@@ -132,7 +132,10 @@ def test_clip_with_shared_bounds():
     dict(kernel_shape=[3, 3], strides=[2, 2]),  # overlapping windows: gradients must accumulate
     dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
     dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
-    dict(kernel_shape=[2, 2], strides=[2, 2]),
+    dict(kernel_shape=[2, 2], strides=[2, 2]),  # windows apart: the MaxUnpool path
+    dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 0, 0, 1]),
+    dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+    dict(kernel_shape=[2, 2], strides=[3, 2]),
     dict(kernel_shape=[3, 2], strides=[1, 2], pads=[0, 1, 1, 0]),
 ])
 def test_maxpool(attrs):
