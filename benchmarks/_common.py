@@ -44,17 +44,25 @@ def export(model, path: Path, size: int = 224, opset: int = 17) -> None:
     onnx.save(m, str(path))
 
 
-def timeit(fns, repeats: int, warmup: int = 2) -> list:
+def timeit(fns, repeats: int, warmup: int = 2, settle=None) -> list:
     """Wall-clock ms of `repeats` calls of each fn after `warmup` untimed calls. Several fns are called in
-    turn (round robin), so a change in machine load hits all of them alike."""
+    turn (round robin), so a change in machine load hits all of them alike.
+
+    settle[i]: call fn i once untimed right before each timed call. onnxruntime's and torch's worker threads
+    spin-wait for a while after a call; on 2 cores the previous tool's spinning threads otherwise take the
+    cores from the next tool's timed call (here the bare ResNet-50 forward took 83-92 ms right after the LRP
+    call against 42-48 ms after a settling call)."""
     single = not isinstance(fns, (list, tuple))
     fns = [fns] if single else list(fns)
+    settle = list(settle) if settle is not None else [False] * len(fns)
     for _ in range(warmup):
         for fn in fns:
             fn()
     times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, ts in zip(fns, times):
+        for fn, ts, calm in zip(fns, times, settle):
+            if calm:
+                fn()
             t0 = time.perf_counter()
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)

@@ -74,6 +74,40 @@ def zennit_parts(model, name: str, x: np.ndarray, target: int):
     return attributor, xt, lambda out: onehot * out
 
 
+def conv_floor_graph(canonical):
+    """The model plus only the linear passes EpsilonPlusFlat adds, emitted by ours' own code (graph_passes.lrp):
+    per conv layer a second conv with W+ (z+) and the transposed conv of W+ applied to it (shape of s), per
+    dense layer the transposed product (epsilon reuses the forward output), the first layer's flat transpose.
+    No division, products, sums or pooling rules: what any z+ implementation must compute, run by onnxruntime
+    exactly as ours runs it. Its time over the bare forward is the floor for the ratio target."""
+    import onnx
+    from onnx import helper
+
+    from graph_passes import lrp as R
+    from graph_passes._graph import clone, infer
+    from graph_passes.vjp import VJPBuilder
+
+    m = infer(clone(canonical))
+    analysis = R.analyze(m)
+    b = VJPBuilder(m, "floor/")
+    outs = []
+    for name, layer in analysis.linear.items():
+        node = analysis.nodes[name]
+        b.node = node
+        lin = R._Linear(b, node, layer, analysis)
+        if name in analysis.first:
+            outs.append(lin.transpose(layer.out, lin.weight("ones", 0.0), "ones"))
+        elif layer.kind == "conv":
+            z = lin.forward(node.input[0], lin.weight("w+", 0.0), lin.biasv("b+", 0.0), 1e-6)
+            outs.append(lin.transpose(z, lin.weight("w+", 0.0), "w+"))
+        else:
+            outs.append(lin.transpose(layer.out, lin.weight("w", 0.0), "w"))
+    m.graph.node.extend(b.new_nodes)
+    m.graph.initializer.extend(b.new_inits)
+    m.graph.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outs)
+    return m
+
+
 def probe(args) -> None:
     """One tool alone: build, 2 warm-up calls, 3 timed calls; print peak memory as JSON."""
     x = image()
@@ -175,10 +209,22 @@ def bench_model(name: str, repeats: int, tmp: Path, profile: bool = False) -> di
         with make_b() as a:
             a(xt, init)
 
-    # all four in turn, so that the shared machine's load changes hit them alike; ratios are per round
-    labels = ["ORT forward (bare session)", "onnx-saliency lrp", "zennit, hooks attached", "zennit, attach + run"]
-    times = timeit([lambda: sess.run(None, {"input": x}), ours, lambda: attributor(xt, init), attach_and_run],
-                   repeats)
+    import onnxruntime as ort
+
+    from onnx_saliency import Explainer
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+    floor_graph = conv_floor_graph(Explainer(path, preset="torchvision").model.canonical)
+    floor = ort.InferenceSession(floor_graph.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del floor_graph
+    floor_out = [floor.get_outputs()[0].name]  # onnxruntime runs every node whatever is fetched
+
+    # all in turn, so that the shared machine's load changes hit them alike; ratios are per round
+    labels = ["ORT forward (bare session)", "conv floor (forward + z+ and transposed convs only)",
+              "onnx-saliency lrp", "zennit, hooks attached", "zennit, attach + run"]
+    times = timeit([lambda: sess.run(None, {"input": x}), lambda: floor.run(floor_out, {"input": x}), ours,
+                    lambda: attributor(xt, init), attach_and_run], repeats, settle=[True, True, True, False, False])
     ctx.__exit__(None, None, None)
 
     def paired(i, j):
@@ -186,8 +232,8 @@ def bench_model(name: str, repeats: int, tmp: Path, profile: bool = False) -> di
 
     return {"target": target, "logit": float(logits[0, target]), "zennit_logit": zennit_logit,
             "first_ms": first_ms, "rows": list(zip(labels, times)),
-            "ours_vs_ort": paired(1, 0), "ours_vs_zennit": paired(1, 2), "ours_vs_zennit_attach": paired(1, 3),
-            "zennit_vs_ort": paired(2, 0),
+            "ours_vs_ort": paired(2, 0), "ours_vs_zennit": paired(2, 3), "ours_vs_zennit_attach": paired(2, 4),
+            "zennit_vs_ort": paired(3, 0), "floor_vs_ort": paired(1, 0), "ours_vs_floor": paired(2, 1),
             "sum_ours": float(ours_rel.astype(np.float64).sum()),
             "sum_zennit": float(zennit_rel.astype(np.float64).sum()),
             "pearson": pearson(ours_rel, zennit_rel),
@@ -206,17 +252,21 @@ def report(results: dict, info: dict, extra: dict, repeats: int) -> str:
              "everywhere (torch.set_num_threads, Explainer(threads=), ORT intra_op, inter_op 1); random weights "
              f"(seed 0), one 1x3x{SIZE}x{SIZE} input, target = the model's top-1 class; ONNX: legacy exporter, "
              "opset 17, dynamic batch",
-             f"- median (min-max) of {repeats} rounds after 2 warm-up rounds; each round calls the four tools in turn; "
-             "zennit with ResNetCanonizer / VGGCanonizer; 'hooks attached' times `attributor(x, init)` inside one "
-             "entered context, 'attach + run' enters and leaves the context per call (on a second copy of the model)",
+             f"- median (min-max) of {repeats} rounds after 2 warm-up rounds; each round calls the tools in turn, "
+             "each onnxruntime one right after an untimed settling call of its own (the previous tool's "
+             "spin-waiting worker threads would otherwise take the 2 cores from it); zennit with ResNetCanonizer / "
+             "VGGCanonizer; 'hooks attached' times `attributor(x, init)` inside one entered context, "
+             "'attach + run' enters and leaves the context per call (on a second copy of the model)",
              "- peak memory: peak RSS (VmHWM; ru_maxrss would carry the parent's peak over fork) of a subprocess "
              "running only that tool (build, 2 warm-up + 3 calls); each subprocess starts at about 40 MiB "
              "(python + numpy); the ort and ours subprocesses never import torch; 'RSS after' is the resident size "
              "after the calls (what stays held)",
-             "- floor: EpsilonPlusFlat's z+ rule needs, per conv layer, the forward conv, a second conv with W+ "
-             "(z = W+ x + b+) and a transposed conv (W+^T s) of the same size, so a conv-dominated model costs about "
-             "3x its forward before any elementwise work; zennit runs the same three passes plus per-module Python "
-             "hooks",
+             "- conv floor: EpsilonPlusFlat's z+ rule needs, per conv layer, the forward conv, a second conv with "
+             "W+ (z = W+ x + b+) and a transposed conv (W+^T s) of the same size, so a conv-dominated model costs "
+             "about 3x its forward before any elementwise work; the 'conv floor' row times exactly these linear "
+             "passes (the model, plus ours' own W+ convs and transposed convs, and the dense layers' transposed "
+             "products, without any division, product, sum or pooling rule) in onnxruntime; zennit runs the same "
+             "three passes plus per-module Python hooks",
              f"- load average (the machine is shared with other jobs): {extra['load_before']} before, "
              f"{extra['load_after']} after; total wall {extra['wall_s']:.0f} s", ""]
     for name, r in results.items():
@@ -229,7 +279,9 @@ def report(results: dict, info: dict, extra: dict, repeats: int) -> str:
                   f"**ours / ORT forward = {r['ours_vs_ort']:.2f}** (target <= 3: {ok(r['ours_vs_ort'] <= 3)}); "
                   f"**ours / zennit = {r['ours_vs_zennit']:.2f}** with hooks attached (target <= 0.33: "
                   f"{ok(r['ours_vs_zennit'] <= 1 / 3)}), {r['ours_vs_zennit_attach']:.2f} against attach + run; "
-                  f"zennit / ORT forward = {r['zennit_vs_ort']:.2f} (ratios: medians of per-round ratios). "
+                  f"zennit / ORT forward = {r['zennit_vs_ort']:.2f}. The conv floor alone is "
+                  f"{r['floor_vs_ort']:.2f}x the ORT forward; ours is {r['ours_vs_floor']:.2f}x the floor "
+                  "(ratios: medians of per-round ratios). "
                   f"Ours' first call (graph rewrite + session) {r['first_ms']:.0f} ms.", "",
                   "| tool | median ms (min-max) | x ORT forward | ours faster by | peak RSS MiB | RSS after MiB |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -237,7 +289,7 @@ def report(results: dict, info: dict, extra: dict, repeats: int) -> str:
                  "zennit, hooks attached": mem["zennit"]}
         for label, times in r["rows"]:
             m = statistics.median(times)
-            speed = "" if label.startswith(("ORT", "onnx-saliency")) else f"{m / ours_ms:.2f}x"
+            speed = "" if label.startswith(("ORT", "onnx-saliency", "conv floor")) else f"{m / ours_ms:.2f}x"
             p = peaks.get(label)
             peak = (f"{p['peak_mb']:.0f} | {p['rss_after_mb']:.0f}") if p else "(same process) | "
             lines.append(f"| {label} | {med(times)} | {m / ort_ms:.2f} | {speed} | {peak} |")

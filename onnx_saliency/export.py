@@ -186,6 +186,10 @@ def _finish(g: onnx.ModelProto, explainer, outputs, info, size) -> onnx.ModelPro
         elif name == MAP_OUTPUT:
             dims = ["N", *(size or ["h", "w"])]
             g.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+        elif name == ATTRIBUTIONS_OUTPUT:
+            # shaped like the user's input (its layout restored below); inference cannot always see that
+            # through the backward ops (MaxUnpool's shape is a run-time input)
+            g.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, _input_dims(model)))
         else:
             g.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     _prune(g)
@@ -203,7 +207,21 @@ def _finish(g: onnx.ModelProto, explainer, outputs, info, size) -> onnx.ModelPro
         g.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     del g.graph.value_info[:]
     g = onnx.shape_inference.infer_shapes(g, strict_mode=False)
+    # a shape computed at run time (MaxUnpool to Shape(x)) leaves an entry with a type but no shape, which
+    # the checker rejects; it carries nothing a runtime could use
+    shaped = [vi for vi in g.graph.value_info if vi.type.tensor_type.HasField("shape")]
+    del g.graph.value_info[:]
+    g.graph.value_info.extend(shaped)
     return checked(g, "export-explainer")
+
+
+def _input_dims(model) -> list:
+    """The original image input's dims (values or parameter names), symbolic where unknown."""
+    vi = next((v for v in model.original.graph.input if v.name == model.input_name), None)
+    dims = [] if vi is None else list(vi.type.tensor_type.shape.dim)
+    if len(dims) != 4:
+        return ["N", "d1", "d2", "d3"]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or f"d{i}") for i, d in enumerate(dims)]
 
 
 def _prune(g: onnx.ModelProto) -> None:
