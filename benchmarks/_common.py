@@ -10,17 +10,22 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
+
+# the repo root, for the one torchvision import shim (tests/torch_shim.py; see docs/stack-probe.md §3)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.torch_shim import install_torchvision_cpu_shim  # noqa: E402
+
 
 def torchvision_model(name: str, seed: int = 0):
     """A random-weight torchvision classifier in eval mode (torch.manual_seed(seed) before building)."""
     import torch
-
-    from _torch_shim import install_torchvision_cpu_shim
 
     install_torchvision_cpu_shim()
     import torchvision
@@ -42,6 +47,34 @@ def export(model, path: Path, size: int = 224, opset: int = 17) -> None:
     m = onnx.load(str(path))
     onnx.helper.set_model_props(m, {"onnx_saliency.preset": "torchvision"})
     onnx.save(m, str(path))
+
+
+def arguments(doc: str, models: str, repeats: int, out: str):
+    """The options every benchmark takes: --models (comma list), --repeats, --out (the markdown report)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--models", default=models)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--out", default=out)
+    return p
+
+
+def image(size: int = 224) -> np.ndarray:
+    """One (1, 3, size, size) input: uniform random pixels (seed 0) with torchvision's normalisation."""
+    rng = np.random.default_rng(0)
+    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+    img = rng.integers(0, 256, (size, size, 3)).astype(np.float32) / 255
+    return np.ascontiguousarray(((img - mean) / std).transpose(2, 0, 1)[None], np.float32)
+
+
+def ort_session(path: Path, threads: int = 2):
+    """A bare onnxruntime CPU session: `threads` intra-op threads, one inter-op."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def timeit(fns, repeats: int, warmup: int = 2, settle=None) -> list:

@@ -8,61 +8,29 @@ Medians (min-max) after warm-up; the torch peers run repeats//2 times (they are 
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import platform
 import resource
 import statistics
 import tempfile
 import time
-import warnings
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
-from _torch_shim import install_torchvision_cpu_shim
+from _common import (arguments, export, image, install_torchvision_cpu_shim, loadavg, machine_info,
+                     timeit)
 
 install_torchvision_cpu_shim()
 import torchvision  # noqa: E402
 
 THREADS, TARGET, SIZE = 2, 7, 224
+PACKAGES = ["torch", "torchvision", "onnxruntime", "onnx", "numpy", "grad-cam", "captum", "torchcam",
+            "onnx-saliency"]
 # torch layer for the peers, and how to find the same tensor in the ONNX graph (node-name fragment)
 MODELS = {
     "resnet50": (lambda m: m.layer4[-1], "layer4", "/layer4/layer4.2/relu"),
     "vgg16": (lambda m: m.features[29], "features.29", "/features/features.29/"),
 }
-
-
-def export(model: torch.nn.Module, path: Path) -> None:
-    x = torch.zeros(1, 3, SIZE, SIZE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, x, str(path), dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-    # declare the preprocessing in the file, so the Explainer needs no manifest lookup of the model
-    m = onnx.load(str(path))
-    onnx.helper.set_model_props(m, {"onnx_saliency.preset": "torchvision"})
-    onnx.save(m, str(path))
-
-
-def timeit(fns, repeats: int, warmup: int = 2) -> list[list[float]]:
-    """Wall-clock ms of `repeats` calls of each fn after `warmup` untimed calls. Several fns are called in
-    turn (round robin), so a change in machine load hits all of them alike."""
-    fns = list(fns) if isinstance(fns, (list, tuple)) else [fns]
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return times if len(fns) > 1 else times[0]
 
 
 def onnx_layer(ex, fragment: str) -> str:
@@ -86,12 +54,9 @@ def bench_model(name: str, repeats: int, tmp: Path) -> tuple[list, dict]:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
     path = tmp / f"{name}.onnx"
-    export(model, path)
+    export(model, path, SIZE)
 
-    rng = np.random.default_rng(0)
-    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
-    img = rng.integers(0, 256, (SIZE, SIZE, 3)).astype(np.float32) / 255
-    x = np.ascontiguousarray(((img - mean) / std).transpose(2, 0, 1)[None], np.float32)
+    x = image(SIZE)
     xt = torch.from_numpy(x.copy())
     peer_repeats = max(1, repeats // 2)
     rows, maps = [], {}
@@ -140,14 +105,6 @@ def bench_model(name: str, repeats: int, tmp: Path) -> tuple[list, dict]:
     return rows, info
 
 
-def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    pkgs = ["torch", "torchvision", "onnxruntime", "onnx", "numpy", "grad-cam", "captum", "torchcam", "onnx-saliency"]
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "nproc": os.cpu_count(),
-            "python": platform.python_version(), "versions": {p: version(p) for p in pkgs}}
-
-
 def report(results: dict, info: dict, extra: dict, repeats: int, wall_s: float, rss_mb: float) -> str:
     lines = ["# Grad-CAM latency (CPU)", "",
              f"- date: {info['date']}; CPU: {info['cpu']}; nproc {info['nproc']}; Python {info['python']}",
@@ -181,22 +138,19 @@ def report(results: dict, info: dict, extra: dict, repeats: int, wall_s: float, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="resnet50,vgg16")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--out", default="benchmarks/results_gradcam.md")
+    p = arguments(__doc__, "resnet50,vgg16", 10, "benchmarks/results_gradcam.md")
     args = p.parse_args()
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
-    extra = {"load_before": " ".join(f"{v:.2f}" for v in os.getloadavg())}
+    extra = {"load_before": loadavg()}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             results[name], extra[name] = bench_model(name, args.repeats, Path(tmp))
             print(f"{name} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    extra["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    extra["load_after"] = loadavg()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    text = report(results, machine_info(), extra, args.repeats, time.perf_counter() - start, rss_mb)
+    text = report(results, machine_info(PACKAGES), extra, args.repeats, time.perf_counter() - start, rss_mb)
     print(text)
     Path(args.out).write_text(text + "\n")
 

@@ -15,7 +15,6 @@ Pearson of the two maps.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,26 +27,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import export, loadavg, machine_info, med, peak_rss_mb, rss_mb, timeit, torchvision_model  # noqa: E402
+from _common import (  # noqa: E402
+    arguments, export, image, loadavg, machine_info, med, ort_session,
+    peak_rss_mb, rss_mb, timeit, torchvision_model,
+)
 
 THREADS, SIZE = 2, 224
 CANONIZERS = {"resnet50": "ResNetCanonizer", "vgg16": "VGGCanonizer"}
 PACKAGES = ["torch", "torchvision", "zennit", "onnxruntime", "onnx", "numpy", "onnx-saliency"]
-
-
-def image() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
-    img = rng.integers(0, 256, (SIZE, SIZE, 3)).astype(np.float32) / 255
-    return np.ascontiguousarray(((img - mean) / std).transpose(2, 0, 1)[None], np.float32)
-
-
-def ort_session(path: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def ours_call(path: Path, x: np.ndarray, target: int):
@@ -110,7 +97,7 @@ def conv_floor_graph(canonical):
 
 def probe(args) -> None:
     """One tool alone: build, 2 warm-up calls, 3 timed calls; print peak memory as JSON."""
-    x = image()
+    x = image(SIZE)
     start_mb = peak_rss_mb()
     if args.only == "zennit":
         model = torchvision_model(args.model)
@@ -121,7 +108,7 @@ def probe(args) -> None:
     elif args.only == "ours":
         call = ours_call(Path(args.onnx), x, args.target)
     else:
-        sess = ort_session(Path(args.onnx))
+        sess = ort_session(Path(args.onnx), THREADS)
         call = lambda: sess.run(None, {"input": x})  # noqa: E731
     ready_mb = peak_rss_mb()
     times = timeit(call, 3)
@@ -185,8 +172,8 @@ def bench_model(name: str, repeats: int, tmp: Path, profile: bool = False) -> di
     model = torchvision_model(name)
     path = tmp / f"{name}.onnx"
     export(model, path, SIZE)
-    x = image()
-    sess = ort_session(path)
+    x = image(SIZE)
+    sess = ort_session(path, THREADS)
     logits = sess.run(None, {"input": x})[0]
     target = int(logits.argmax())
 
@@ -308,10 +295,7 @@ def report(results: dict, info: dict, extra: dict, repeats: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="resnet50,vgg16")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--out", default="benchmarks/results_lrp.md")
+    p = arguments(__doc__, "resnet50,vgg16", 10, "benchmarks/results_lrp.md")
     p.add_argument("--profile", action="store_true", help="add an onnxruntime profile of ours (kernel ms per op)")
     p.add_argument("--only", choices=["ort", "ours", "zennit"], help="memory probe: run one tool alone")
     p.add_argument("--model", help="--only: torchvision model name")

@@ -14,34 +14,24 @@ The Grad-CAM map is computed once beforehand; its cost is reported separately.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import platform
 import statistics
+import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import arguments, loadavg, machine_info, timeit  # noqa: E402
 
 THREADS, STEP = 2, 224
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 IMAGE = SHARED / "images" / "skimage" / "chelsea.png"
 
 
-def timeit(fns, repeats: int, warmup: int = 1) -> list[list[float]]:
+def seconds(fns, repeats: int, warmup: int = 1) -> list[list[float]]:
     """Wall-clock seconds of `repeats` calls of each fn, called in turn, after `warmup` untimed rounds."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return times
+    return [[ms / 1e3 for ms in ts] for ts in timeit(list(fns), repeats, warmup)]
 
 
 def one_at_a_time(sess, name, x, blurred, order, target):
@@ -75,7 +65,7 @@ def bench_model(name: str, repeats: int) -> dict:
     t0 = time.perf_counter()
     result = ex.explain(x, method="gradcam")
     map_first_s = time.perf_counter() - t0
-    map_s = min(timeit([lambda: ex.explain(x, method="gradcam")], 3, warmup=0)[0])
+    map_s = min(seconds([lambda: ex.explain(x, method="gradcam")], 3, warmup=0)[0])
     target = int(result.targets[0])
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
@@ -104,7 +94,7 @@ def bench_model(name: str, repeats: int) -> dict:
            "one image at a time (RISE loop, bare ORT)": lambda: one_at_a_time(sess, feed, x, blurred, order, target),
            "onnx-saliency, batch 64 (default)": ours(64),
            "onnx-saliency, batch 16": ours(16)}
-    times = dict(zip(fns, timeit(list(fns.values()), repeats)))
+    times = dict(zip(fns, seconds(list(fns.values()), repeats)))
     curves = ours(64)()
     loop_aucs = one_at_a_time(sess, feed, x, blurred, order, target)
     return {"times": times, "calls": calls, "map_s": map_s, "map_first_s": map_first_s,
@@ -113,12 +103,10 @@ def bench_model(name: str, repeats: int) -> dict:
 
 
 def report(results: dict, repeats: int, wall: float, load: tuple) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    pkgs = ["onnxruntime", "onnx", "numpy", "onnx-saliency"]
+    info = machine_info(["onnxruntime", "onnx", "numpy", "onnx-saliency"])
     lines = ["# Deletion + insertion cost (CPU)", "",
-             f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; CPU: {cpu}; nproc {os.cpu_count()}; "
-             f"Python {platform.python_version()}; " + ", ".join(f"{p} {version(p)}" for p in pkgs),
+             f"- date: {info['date']}; CPU: {info['cpu']}; nproc {info['nproc']}; Python {info['python']}; "
+             + ", ".join(f"{p} {v}" for p, v in info["versions"].items()),
              f"- {THREADS} threads (ORT intra-op, inter-op 1); image `{IMAGE.relative_to(SHARED.parent)}`, "
              "224x224 input; "
              f"Grad-CAM map (auto layer, top-1); {STEP} pixels per step (224 steps, 225 points per curve); deletion "
@@ -143,20 +131,17 @@ def report(results: dict, repeats: int, wall: float, load: tuple) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="squeezenet1_1,efficientnet_lite0")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results_metrics.md")
+    p = arguments(__doc__, "squeezenet1_1,efficientnet_lite0", 3, "benchmarks/results_metrics.md")
     args = p.parse_args()
     if not (SHARED / "models").is_dir():
         raise SystemExit(f"skipped: needs the shared models folder {SHARED}")
     start = time.perf_counter()
-    load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load_before = loadavg()
     results = {}
     for name in args.models.split(","):
         results[name] = bench_model(name, args.repeats)
         print(f"{name} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    load_after = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load_after = loadavg()
     text = report(results, args.repeats, time.perf_counter() - start, (load_before, load_after))
     print(text)
     Path(args.out).write_text(text + "\n")

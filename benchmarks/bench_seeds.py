@@ -22,7 +22,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import export, loadavg, machine_info, med, peak_rss_mb, timeit, torchvision_model  # noqa: E402
+from _common import (  # noqa: E402
+    export, image, loadavg, machine_info, med, ort_session,
+    peak_rss_mb, timeit, torchvision_model,
+)
 
 THREADS, SIZE, TARGET = 2, 224, 7
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,21 +36,6 @@ METHODS = {"gradcam": None, "relevance-cam": ("x", 3), "guidance-cam": ("x", 3),
            "excitation-backprop": None, "sr-map": ("s", 1.0)}
 PACKAGES = ["torch", "torchvision", "onnxruntime", "onnx", "numpy", "opencv-python-headless", "onnx-saliency"]
 PHOTO = "images/imagenet_val/ILSVRC2012_val_00039905.jpg"
-
-
-def image() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
-    img = rng.integers(0, 256, (SIZE, SIZE, 3)).astype(np.float32) / 255
-    return np.ascontiguousarray(((img - mean) / std).transpose(2, 0, 1)[None], np.float32)
-
-
-def ort_session(path: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def sr_parts(ex, x: np.ndarray, target: int):
@@ -132,8 +120,8 @@ def bench_resnet(repeats: int, tmp: Path, methods) -> dict:
 
     path = tmp / "resnet50.onnx"
     export(torchvision_model("resnet50"), path, SIZE)
-    x = image()
-    sess = ort_session(path)
+    x = image(SIZE)
+    sess = ort_session(path, THREADS)
     forward = lambda: sess.run(None, {"input": x})  # noqa: E731
     ex = Explainer(path, preset="torchvision", threads=THREADS)
     hits = [l.tensor for l in ex.layers() if LAYER_FRAGMENT in l.node]
@@ -172,7 +160,7 @@ def bench_photo(shared: Path, repeats: int) -> dict | None:
         return None
     ex = Explainer(model, threads=THREADS)
     x, _ = ex.prepare(photo)
-    sess = ort_session(model)
+    sess = ort_session(model, THREADS)
     forward = lambda: sess.run(None, {sess.get_inputs()[0].name: x})  # noqa: E731
     call = lambda: ex.explain(x, method="sr-map")  # noqa: E731
     call()

@@ -170,22 +170,25 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((da * db).sum() / (na * nb))
 
 
+def unit_scaled(m: np.ndarray, signed: bool) -> np.ndarray:
+    """A map on a common scale: signed maps divided by max |value| (to [-1, 1]), others min-max to [0, 1];
+    a constant map becomes zeros."""
+    m = np.asarray(m, np.float64)
+    if signed:
+        peak = np.abs(m).max()
+        return m / peak if peak > 0 else m * 0
+    span = np.ptp(m)
+    return (m - m.min()) / span if span > 0 else m * 0
+
+
 def ssim(a: np.ndarray, b: np.ndarray, signed: bool) -> float | None:
     """SSIM (sanity.ssim: skimage's Gaussian-window SSIM) of two maps scaled alike: unsigned maps min-max to
     [0, 1] (data range 1), signed maps divided by max |value| to [-1, 1] (data range 2). None for maps smaller
     than the window."""
     from .sanity import ssim as _ssim
 
-    def unit(m):
-        m = np.asarray(m, np.float64)
-        if signed:
-            peak = np.abs(m).max()
-            return m / peak if peak > 0 else m * 0
-        span = np.ptp(m)
-        return (m - m.min()) / span if span > 0 else m * 0
-
     try:
-        return float(_ssim(unit(a), unit(b), data_range=2.0 if signed else 1.0))
+        return float(_ssim(unit_scaled(a, signed), unit_scaled(b, signed), data_range=2.0 if signed else 1.0))
     except SaliencyError:
         return None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .audit import AuditResult
+from .audit import AuditResult, unit_scaled
 from .report import picture, versions
 from .writers import write_bytes, write_json
 
@@ -59,15 +59,7 @@ def _png(rgb: np.ndarray) -> str:
 def difference_picture(a: np.ndarray, b: np.ndarray, signed: bool) -> np.ndarray:
     """A - B after scaling both alike (min-max, or / max|.| when signed), on a fixed scale: white = equal,
     red = A higher, blue = B higher, full colour = a difference of the whole range."""
-    def unit(m):
-        m = np.asarray(m, np.float64)
-        if signed:
-            peak = np.abs(m).max()
-            return m / peak if peak > 0 else m * 0
-        span = np.ptp(m)
-        return (m - m.min()) / span if span > 0 else m * 0
-
-    v = np.clip(unit(a) - unit(b), -1, 1)
+    v = np.clip(unit_scaled(a, signed) - unit_scaled(b, signed), -1, 1)
     fade = 1.0 - np.abs(v)
     rgb = np.stack([np.where(v < 0, fade, 1.0), fade, np.where(v < 0, 1.0, fade)], axis=-1)
     return np.rint(rgb * 255).astype(np.uint8)

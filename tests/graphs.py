@@ -91,3 +91,14 @@ def tiny_classifier(path, classes=4, size=16, extra_node=None):
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     onnx.save(model, str(path))
     return path
+
+
+def conv3x3(x, w, b=None):
+    """Numpy reference: 3x3 convolution, stride 1, zero padding 1, in float64."""
+    n, _, h, wd = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((n, w.shape[0], h, wd))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("nchw,kc->nkhw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j])
+    return out if b is None else out + b[None, :, None, None]

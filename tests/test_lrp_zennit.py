@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from tests.torch_shim import install_torchvision_cpu_shim  # noqa: E402
+from tests.torch_shim import install_torchvision_cpu_shim, randomise_bn  # noqa: E402
 
 install_torchvision_cpu_shim()  # before zennit, which imports torchvision
 pytest.importorskip("zennit")
@@ -68,17 +68,6 @@ def _tv():
     return torchvision
 
 
-def _randomise_bn(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            n = mod.num_features
-            mod.weight.data = 0.5 + torch.rand(n, generator=g)
-            mod.bias.data = 0.2 * torch.randn(n, generator=g)
-            mod.running_mean = 0.2 * torch.randn(n, generator=g)
-            mod.running_var = 0.5 + torch.rand(n, generator=g)
-
-
 def _build(name, tmp_path):
     tv = _tv()
     torch.manual_seed(0)
@@ -90,7 +79,7 @@ def _build(name, tmp_path):
         model.classifier = torch.nn.Sequential(
             torch.nn.Linear(512 * 9, 512), torch.nn.ReLU(True), torch.nn.Dropout(),
             torch.nn.Linear(512, 512), torch.nn.ReLU(True), torch.nn.Dropout(), torch.nn.Linear(512, 1000))
-    _randomise_bn(model, 1)
+    randomise_bn(model, 1)
     model.eval()
     x = _images(2, SIZES[name])
     path = tmp_path / f"{name}.onnx"

@@ -10,19 +10,9 @@ from onnx import helper
 
 from onnx_saliency import Explainer, SaliencyError
 from onnx_saliency.postprocess import scale_cam_image
-from tests.graphs import make_model
+from tests.graphs import conv3x3, make_model
 
 K, C, HW, CLASSES = 6, 3, 12, 4
-
-
-def _conv_np(x, w, b):
-    n, _, h, wd = x.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((n, w.shape[0], h, wd))
-    for i in range(3):
-        for j in range(3):
-            out += np.einsum("nchw,kc->nkhw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j])
-    return out + b[None, :, None, None]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +34,7 @@ def net(tmp_path_factory):
     path = tmp_path_factory.mktemp("net") / "net.onnx"
     onnx.save(model, path)
     x = rng.standard_normal((3, C, HW, HW)).astype(np.float32)
-    A = np.maximum(_conv_np(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)), 0)
+    A = np.maximum(conv3x3(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)), 0)
     logits = A.mean(axis=(2, 3)) @ fc.T.astype(np.float64)
     return dict(path=path, x=x, A=A, fc=fc.astype(np.float64), logits=logits, w=w, b=b)
 
@@ -119,7 +109,7 @@ def test_scorecam_pgc_weights(net):
     x = net["x"][0].astype(np.float64)
     scores = []
     for k in range(K):
-        Ak = np.maximum(_conv_np((x * masks[k])[None], net["w"].astype(np.float64), net["b"].astype(np.float64)), 0)
+        Ak = np.maximum(conv3x3((x * masks[k])[None], net["w"].astype(np.float64), net["b"].astype(np.float64)), 0)
         scores.append((Ak.mean(axis=(2, 3)) @ net["fc"].T)[0, 1])
     s = np.exp(np.array(scores) - max(scores))
     cam = np.maximum(np.einsum("k,khw->hw", s / s.sum(), A), 0)
@@ -137,7 +127,7 @@ def test_pixel_methods_closed_form(net):
     rng = np.random.default_rng(1)
     v = rng.standard_normal(x.shape)
     def logit(z):
-        A = np.maximum(_conv_np(z, net["w"].astype(np.float64), net["b"].astype(np.float64)), 0)
+        A = np.maximum(conv3x3(z, net["w"].astype(np.float64), net["b"].astype(np.float64)), 0)
         return (A.mean(axis=(2, 3)) @ net["fc"].T)[np.arange(3), targets]
     fd = (logit(x + eps * v) - logit(x - eps * v)) / (2 * eps)
     np.testing.assert_allclose((g * v).sum(axis=(1, 2, 3)), fd, rtol=1e-3, atol=1e-4)

@@ -48,7 +48,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from tests.torch_shim import install_torchvision_cpu_shim  # noqa: E402
+from tests.torch_shim import install_torchvision_cpu_shim, randomise_bn  # noqa: E402
 
 install_torchvision_cpu_shim()  # before torchvision, pytorch_grad_cam and torchcam import it
 torchvision = pytest.importorskip("torchvision")
@@ -77,17 +77,6 @@ PGC_CLASSES = {
 
 
 # --- models --------------------------------------------------------------------------------------------------
-def _randomise_bn(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            n = mod.num_features
-            mod.weight.data = 0.5 + torch.rand(n, generator=g)
-            mod.bias.data = 0.2 * torch.randn(n, generator=g)
-            mod.running_mean = 0.2 * torch.randn(n, generator=g)
-            mod.running_var = 0.5 + torch.rand(n, generator=g)
-
-
 def _resnet18():
     m = torchvision.models.resnet18(weights=None)
     return m, m.layer4[-1]
@@ -169,7 +158,7 @@ def _build(name, folder) -> Bundle:
     builder, size = MODELS[name]
     torch.manual_seed(0)
     model, module = builder()
-    _randomise_bn(model, 1)
+    randomise_bn(model, 1)
     model.eval()
     x = _images(2, size, seed=0)
     path = folder / f"{name.replace('@', '_')}.onnx"

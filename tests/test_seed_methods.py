@@ -21,21 +21,10 @@ from onnx_saliency.methods import Method, Result, get_method
 from onnx_saliency.methods.gradual import GradualExtrapolation, downsampling_excitations, extrapolate
 from onnx_saliency.methods.relevance_cam import relevance_cam_composite
 from onnx_saliency.postprocess import scale_cam_image
-from tests.graphs import make_model, tiny_classifier
+from tests.graphs import conv3x3, make_model, tiny_classifier
 
 C, K1, K2, HW, CLASSES = 3, 4, 5, 8, 4
 EPS_RCAM, EPS_EB = 1e-9, 1e-12
-
-
-def _conv(x, w, b=None):
-    """3x3 convolution, stride 1, zero padding 1 (float64)."""
-    n, _, h, wd = x.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((n, w.shape[0], h, wd))
-    for i in range(3):
-        for j in range(3):
-            out += np.einsum("nchw,kc->nkhw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j])
-    return out if b is None else out + b[None, :, None, None]
 
 
 def _conv_t(s, w):
@@ -74,9 +63,9 @@ def net(tmp_path_factory):
     onnx.save(model, path)
     p = {k: v.astype(np.float32).astype(np.float64) for k, v in p.items()}
     x = rng.standard_normal((3, C, HW, HW)).astype(np.float32)
-    c1 = _conv(x.astype(np.float64), p["w1"], p["b1"])
+    c1 = conv3x3(x.astype(np.float64), p["w1"], p["b1"])
     a1 = np.maximum(c1, 0)
-    c2 = _conv(a1, p["w2"], p["b2"])
+    c2 = conv3x3(a1, p["w2"], p["b2"])
     a2 = np.maximum(c2, 0)
     gap = a2.mean(axis=(2, 3))
     return dict(path=path, x=x, p=p, a1=a1, c2=c2, a2=a2, gap=gap, logits=gap @ p["fc"].T + p["fcb"],
@@ -110,9 +99,9 @@ def _relevance_reference(net, targets, layer, init="clrp", conv_bias="zennit"):
     else:
         w2p = np.maximum(p["w2"], 0)
         if conv_bias == "zennit":
-            z = _conv(a1, w2p, np.maximum(p["b2"], 0))
+            z = conv3x3(a1, w2p, np.maximum(p["b2"], 0))
         else:  # the reference code: the bias in both partial sums, the x- one being 0 + b
-            z = _conv(a1, w2p, 2 * p["b2"])
+            z = conv3x3(a1, w2p, 2 * p["b2"])
         A, R = a1, a1 * _conv_t(r_a2 / _stab(z, EPS_RCAM), w2p)
     alpha = R.mean(axis=(2, 3))
     return np.einsum("nk,nkhw->nhw", alpha, A)
@@ -207,7 +196,7 @@ def _cmwp_reference(net, targets, layer):
         return np.maximum(r_a2.sum(1), 0)
     r_c2 = r_a2 * (c2 > 0)
     w2p = np.maximum(p["w2"], 0)
-    r_a1 = a1 * _conv_t(r_c2 / _stab(_conv(a1, w2p), EPS_EB), w2p)
+    r_a1 = a1 * _conv_t(r_c2 / _stab(conv3x3(a1, w2p), EPS_EB), w2p)
     return np.maximum(r_a1.sum(1), 0)
 
 

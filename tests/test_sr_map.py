@@ -10,7 +10,7 @@ from onnx_saliency import Explainer, SaliencyError
 from onnx_saliency.context_saliency import context_aware_saliency
 from onnx_saliency.methods.sr_map import heatmap_image
 from onnx_saliency.postprocess import minmax
-from tests.graphs import make_model
+from tests.graphs import conv3x3, make_model
 
 CLASSES, EPS = 4, 1e-9
 
@@ -45,16 +45,6 @@ def net(tmp_path_factory):
     return dict(path=path, x=x, p={k: v.astype(np.float64) for k, v in p.items()})
 
 
-def _conv(x, w, b):
-    n, _, h, wd = x.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((n, w.shape[0], h, wd))
-    for i in range(3):
-        for j in range(3):
-            out += np.einsum("nchw,kc->nkhw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j])
-    return out + b[None, :, None, None]
-
-
 def _lrp0_conv(x, w, z, r):
     """R_in = x * conv^T(R / (z + eps sign(z))), z the conv output with its bias."""
     s = r / (z + EPS * np.where(z < 0, -1, 1))
@@ -74,10 +64,10 @@ def _zplus_dense(x, w, r):
 
 def reference_relevance(x, p, targets):
     x = x.astype(np.float64)
-    c1 = _conv(x, p["w1"], p["b1"])
+    c1 = conv3x3(x, p["w1"], p["b1"])
     a1 = np.maximum(c1, 0)
     p1 = a1.reshape(len(x), 4, 6, 2, 6, 2).max(axis=(3, 5))
-    c2 = _conv(p1, p["w2"], p["b2"])
+    c2 = conv3x3(p1, p["w2"], p["b2"])
     flat = np.maximum(c2, 0).reshape(len(x), -1)
     r1 = np.maximum(flat @ p["f1"].T + p["d1"], 0)
     logits = r1 @ p["f2"].T + p["d2"]
