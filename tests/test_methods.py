@@ -116,6 +116,16 @@ def test_scorecam_pgc_weights(net):
     np.testing.assert_allclose(r.raw[0], cam, rtol=1e-3, atol=1e-4 * cam.max())
 
 
+def test_scorecam_channel_chunks_give_the_same_map(net):
+    """Score-CAM masks its K channels one chunk of batch_size at a time (bounded memory): chunks of 1, 4 (one
+    ragged) or all K give the same map, for several images with their own targets."""
+    ex = Explainer(net["path"])
+    maps = [ex.explain(net["x"], method="scorecam", layer="feat", target=[1, 2, 0], batch_size=bs).raw
+            for bs in (1, 4, 32)]
+    for m in maps[1:]:
+        np.testing.assert_allclose(m, maps[0], rtol=1e-5, atol=1e-6 * np.abs(maps[0]).max())
+
+
 def test_pixel_methods_closed_form(net):
     """y_c = mean(relu(conv(x))) . fc[c]: dy/dx = conv^T(mask * fc[c]/hw); check via numpy and IG completeness."""
     ex = Explainer(net["path"])
