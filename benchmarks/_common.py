@@ -60,6 +60,23 @@ def arguments(doc: str, models: str, repeats: int, out: str):
     return p
 
 
+def run_models(names: str, bench) -> tuple[dict, dict]:
+    """bench(name, folder) for each model of the comma list `names`, in one temporary folder, with progress
+    lines; returns (results by name, {"load_before", "load_after", "wall_s"})."""
+    import tempfile
+
+    start = time.perf_counter()
+    extra = {"load_before": loadavg()}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names.split(","):
+            results[name] = bench(name, Path(tmp))
+            print(f"{name} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    extra["load_after"] = loadavg()
+    extra["wall_s"] = time.perf_counter() - start
+    return results, extra
+
+
 def image(size: int = 224) -> np.ndarray:
     """One (1, 3, size, size) input: uniform random pixels (seed 0) with torchvision's normalisation."""
     rng = np.random.default_rng(0)

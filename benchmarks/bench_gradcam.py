@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import resource
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import (arguments, export, image, install_torchvision_cpu_shim, loadavg, machine_info,
+from _common import (arguments, export, image, install_torchvision_cpu_shim, machine_info, run_models,
                      timeit)
 
 install_torchvision_cpu_shim()
@@ -141,16 +140,11 @@ def main() -> None:
     p = arguments(__doc__, "resnet50,vgg16", 10, "benchmarks/results_gradcam.md")
     args = p.parse_args()
     torch.set_num_threads(THREADS)
-    start = time.perf_counter()
-    extra = {"load_before": loadavg()}
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            results[name], extra[name] = bench_model(name, args.repeats, Path(tmp))
-            print(f"{name} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    extra["load_after"] = loadavg()
+    both, extra = run_models(args.models, lambda name, tmp: bench_model(name, args.repeats, tmp))
+    results = {name: r for name, (r, _) in both.items()}
+    extra.update({name: e for name, (_, e) in both.items()})
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    text = report(results, machine_info(PACKAGES), extra, args.repeats, time.perf_counter() - start, rss_mb)
+    text = report(results, machine_info(PACKAGES), extra, args.repeats, extra["wall_s"], rss_mb)
     print(text)
     Path(args.out).write_text(text + "\n")
 

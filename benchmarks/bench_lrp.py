@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    arguments, export, image, loadavg, machine_info, med, ort_session,
-    peak_rss_mb, rss_mb, timeit, torchvision_model,
+    arguments, export, image, machine_info, med, ort_session,
+    peak_rss_mb, rss_mb, run_models, timeit, torchvision_model,
 )
 
 THREADS, SIZE = 2, 224
@@ -308,15 +307,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(THREADS)
-    start = time.perf_counter()
-    extra = {"load_before": loadavg()}
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            results[name] = bench_model(name, args.repeats, Path(tmp), args.profile)
-            print(f"{name} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    extra["load_after"] = loadavg()
-    extra["wall_s"] = time.perf_counter() - start
+    results, extra = run_models(args.models, lambda name, tmp: bench_model(name, args.repeats, tmp, args.profile))
     text = report(results, machine_info(PACKAGES), extra, args.repeats)
     print(text)
     Path(args.out).write_text(text + "\n")
