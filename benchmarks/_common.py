@@ -85,13 +85,14 @@ def image(size: int = 224) -> np.ndarray:
     return np.ascontiguousarray(((img - mean) / std).transpose(2, 0, 1)[None], np.float32)
 
 
-def ort_session(path: Path, threads: int = 2):
-    """A bare onnxruntime CPU session: `threads` intra-op threads, one inter-op."""
+def ort_session(model, threads: int = 2):
+    """A bare onnxruntime CPU session of a file path or a ModelProto: `threads` intra-op threads, one inter-op."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
 def timeit(fns, repeats: int, warmup: int = 2, settle=None) -> list:

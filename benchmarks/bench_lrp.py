@@ -195,15 +195,9 @@ def bench_model(name: str, repeats: int, tmp: Path, profile: bool = False) -> di
         with make_b() as a:
             a(xt, init)
 
-    import onnxruntime as ort
+    from onnx_saliency.model import load_model
 
-    from onnx_saliency import Explainer
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
-    floor_graph = conv_floor_graph(Explainer(path, preset="torchvision").model.canonical)
-    floor = ort.InferenceSession(floor_graph.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    del floor_graph
+    floor = ort_session(conv_floor_graph(load_model(path).canonical), THREADS)
     floor_out = [floor.get_outputs()[0].name]  # onnxruntime runs every node whatever is fetched
 
     # all in turn, so that the shared machine's load changes hit them alike; ratios are per round

@@ -207,11 +207,6 @@ def _finish(g: onnx.ModelProto, explainer, outputs, info, size) -> onnx.ModelPro
         g.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     del g.graph.value_info[:]
     g = onnx.shape_inference.infer_shapes(g, strict_mode=False)
-    # a shape computed at run time (MaxUnpool to Shape(x)) leaves an entry with a type but no shape, which
-    # the checker rejects; it carries nothing a runtime could use
-    shaped = [vi for vi in g.graph.value_info if vi.type.tensor_type.HasField("shape")]
-    del g.graph.value_info[:]
-    g.graph.value_info.extend(shaped)
     return checked(g, "export-explainer")
 
 
