@@ -80,7 +80,7 @@ def conv_floor_graph(canonical):
     for name, layer in analysis.linear.items():
         node = analysis.nodes[name]
         b.node = node
-        lin = R._Linear(b, node, layer, analysis)
+        lin = R.compiler._Linear(b, node, layer, analysis)
         if name in analysis.first:
             outs.append(lin.transpose(layer.out, lin.weight("ones", 0.0), "ones"))
         elif layer.kind == "conv":
@@ -195,7 +195,7 @@ def bench_model(name: str, repeats: int, tmp: Path, profile: bool = False) -> di
         with make_b() as a:
             a(xt, init)
 
-    from onnx_saliency.model import load_model
+    from onnx_saliency.intake.model import load_model
 
     floor = ort_session(conv_floor_graph(load_model(path).canonical), THREADS)
     floor_out = [floor.get_outputs()[0].name]  # onnxruntime runs every node whatever is fetched

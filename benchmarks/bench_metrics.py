@@ -57,7 +57,7 @@ def bench_model(name: str, repeats: int) -> dict:
     import onnxruntime as ort
 
     from onnx_saliency import Explainer
-    from onnx_saliency import metrics as M
+    from onnx_saliency.evaluation import metrics as M
 
     path = SHARED / "models" / f"{name}.onnx"
     ex = Explainer(path, threads=THREADS, labels=SHARED / "labels" / "imagenet_classes.txt")

@@ -41,7 +41,7 @@ PHOTO = "images/imagenet_val/ILSVRC2012_val_00039905.jpg"
 def sr_parts(ex, x: np.ndarray, target: int):
     """(LRP pass, context-aware saliency step) of sr-map as two callables, with sr-map's own defaults."""
     from onnx_saliency import lrp as L
-    from onnx_saliency.context_saliency import context_aware_saliency
+    from onnx_saliency.methods.context_saliency import context_aware_saliency
     from onnx_saliency.methods.sr_map import heatmap_image
 
     comp = L.resolve_composite(ex.engine, "sr-reference", None, None, None)

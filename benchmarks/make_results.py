@@ -53,7 +53,7 @@ def _progress(label: str, total: int):
 
 def _evaluate(run: dict, methods: list[str], metrics: list[str], settings_kw: dict):
     from onnx_saliency import Explainer
-    from onnx_saliency.annotations import load_annotations
+    from onnx_saliency.evaluation.annotations import load_annotations
     from onnx_saliency.evaluation import Settings, evaluate, sanity_step_count
 
     folder = SHARED / "images" / run["images"]
@@ -99,7 +99,7 @@ def main() -> None:
         print(f"skipped: needs the shared models and photos folder {SHARED}; nothing written")
         return
 
-    from onnx_saliency.evaluation_output import markdown_table, write_evaluation
+    from onnx_saliency.evaluation.output import markdown_table, write_evaluation
     from onnx_saliency.evaluation import settings_lines
     from onnx_saliency.methods import method_names
 
@@ -115,7 +115,7 @@ def main() -> None:
              f"{datetime.datetime.now().isoformat(timespec='minutes')} ({cpu}, {os.cpu_count()} cores, 2 onnxruntime "
              f"threads; onnx-saliency {version('onnx-saliency')}, onnxruntime {version('onnxruntime')}). "
              "Do not edit by hand: rerun the script.", "",
-             "Metric definitions: ../shared/docs/methods-spec.md §7 and `onnx_saliency/metrics.py`. Per-image values, "
+             "Metric definitions: ../shared/docs/methods-spec.md §7 and `onnx_saliency/evaluation/metrics.py`. Per-image values, "
              "curves and plots of each run are in `docs/results/<run>/`. Arrows: ↓ lower is better, ↑ higher is "
              "better. Ten images are few: read differences smaller than the ± (one standard deviation over images) "
              "as noise.", ""]

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from onnx_saliency import Explainer
-from onnx_saliency import metrics as M
-from onnx_saliency.annotations import load_annotations
+from onnx_saliency.evaluation import metrics as M
+from onnx_saliency.evaluation.annotations import load_annotations
 from onnx_saliency.methods.gradual import downsampling_excitations
-from onnx_saliency.preprocess import load_image, prepare
+from onnx_saliency.intake.preprocess import load_image, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("gradcam", "relevance-cam", "guidance-cam", "gradcam+ge", "cmwp+ge", "contrastive-excitation-backprop",
@@ -124,7 +124,7 @@ def report(out: dict, tolerance: float, shared_arg: str, elapsed: float) -> str:
         "keeping the aspect) are fed as they are, no resize and no crop, so `boxes_in_file` map 1:1 to the "
         "input; " + ", ".join(f"`{r['name']}` ({r['size'][0]}x{r['size'][1]})" for r in resized)
         + f" gets the model's own resize (shorter side {pre.resize}) + centre crop {pre.crop}, and its "
-        "boxes go through the same geometry (`onnx_saliency.annotations`, `ImageAnnotation.regions`)",
+        "boxes go through the same geometry (`onnx_saliency.evaluation.annotations`, `ImageAnnotation.regions`)",
         "- **target**: the ground-truth class (`class_index`) of every image, whatever the model predicts; "
         "the boxes are those of that class",
         f"- **settings**: every method at its defaults (listed under the tables); CAM-family methods at the "
@@ -134,7 +134,7 @@ def report(out: dict, tolerance: float, shared_arg: str, elapsed: float) -> str:
         "- **pointing game**: the map's first maximum (argmax, row-major), as a pixel centre; **strict** = "
         "inside a ground-truth box of the image, **tolerant** = within "
         f"{tolerance:g} input pixels of one (TorchRay's pointing game); a constant map counts as a miss; "
-        "`onnx_saliency.metrics.pointing_game`",
+        "`onnx_saliency.evaluation.metrics.pointing_game`",
         f"- **baselines**: always pointing at the centre pixel; a uniformly random point hits a box with "
         f"probability {box_share([r['regions'] for r in rows]):.0%} on average (the boxes are large: "
         "ImageNet objects fill most of these photos)",

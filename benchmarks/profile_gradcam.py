@@ -24,7 +24,7 @@ from bench_gradcam import MODELS, SIZE, TARGET, THREADS, export, onnx_layer, tim
 from onnx_saliency import Explainer
 from onnx_saliency.methods import get_method
 from onnx_saliency.methods.base import Request
-from onnx_saliency.postprocess import scale_cam_image
+from onnx_saliency.output.postprocess import scale_cam_image
 
 
 def session(model_or_path, profile: bool = False) -> ort.InferenceSession:

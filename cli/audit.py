@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import click
 
-
-def lazily_fail_cleanly(fn):
-    """cli.main's fail_cleanly, imported at call time: main.py imports this module to register the command."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .main import fail_cleanly
-
-        return fail_cleanly(fn)(*args, **kwargs)
-
-    return wrapper
+from .common import expand_images, fail_cleanly, parse_options
 
 
 @click.command("audit")
@@ -40,28 +29,27 @@ def lazily_fail_cleanly(fn):
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
 @click.option("--report", is_flag=True, help="Also print what canonicalisation did to each model, node by node.")
-@lazily_fail_cleanly
+@fail_cleanly
 def audit(model_a, model_b, images, methods, preset_a, preset_b, layer, tolerance_pairs, option_pairs, out_dir,
           batch_size, provider, threads, report):
     """Compare MODEL_A and MODEL_B on IMAGES: predictions, layers side by side, and explanations.
 
     Exit code 0 when they agree within the tolerances, 1 when they do not (2 for usage errors)."""
-    from onnx_saliency.audit import Tolerances
-    from onnx_saliency.audit import audit as run_audit
-    from onnx_saliency.audit_report import table_lines, write_audit
+    from onnx_saliency.audit.compare import Tolerances
+    from onnx_saliency.audit.compare import audit as run_audit
+    from onnx_saliency.audit.report import table_lines, write_audit
     from onnx_saliency.errors import SaliencyError
     from onnx_saliency.methods import get_method
 
-    from .main import _expand_images, _parse_options
-
+    
     if batch_size < 1:
         raise SaliencyError(f"--batch-size {batch_size}: must be at least 1")
     tol = Tolerances.parse(tolerance_pairs)
     for m in methods:
         get_method(m)  # unknown methods fail before any model is loaded
-    paths = _expand_images(images)
+    paths = expand_images(images)
     result = run_audit(model_a, model_b, paths, methods, preset_a=preset_a, preset_b=preset_b, layer=layer,
-                       tolerances=tol, options=_parse_options(option_pairs), batch_size=batch_size,
+                       tolerances=tol, options=parse_options(option_pairs), batch_size=batch_size,
                        provider=provider, threads=threads)
     if report:
         for key in ("a", "b"):

@@ -8,8 +8,8 @@ import click
 
 from onnx_saliency.errors import SaliencyError
 
-from .main import (_explainer, _parse_options, _parse_target, _split_model_and_images, fail_cleanly, main,
-                   with_model_options)
+from .common import (explainer_from_options, fail_cleanly, parse_options, parse_target, split_model_and_images, with_model_options)
+
 
 
 def _panel(rgb, height: int):
@@ -38,21 +38,21 @@ def _panel(rgb, height: int):
 def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs, **model_kw):
     """[MODEL] IMAGE: the image and every requested method's overlay side by side in one PNG."""
     from onnx_saliency.methods import get_method
-    from onnx_saliency.postprocess import grid
-    from onnx_saliency.preprocess import load_image
-    from onnx_saliency.report import picture
-    from onnx_saliency.writers import write_png
+    from onnx_saliency.output.postprocess import grid
+    from onnx_saliency.intake.preprocess import load_image
+    from onnx_saliency.output.sidecar import picture
+    from onnx_saliency.output.writers import write_png
 
     if size < 8:
         raise SaliencyError(f"--size {size}: panels need at least 8 pixels")
     if cols is not None and cols < 1:
         raise SaliencyError(f"--cols {cols}: must be at least 1")
-    model, images = _split_model_and_images(inputs)
+    model, images = split_model_and_images(inputs)
     if len(images) != 1:
         raise SaliencyError(f"compare takes one image, got {len(images)}; use `explain` for several")
     method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
-    options = _parse_options(option_pairs)
-    ex = _explainer(model, **model_kw)
+    options = parse_options(option_pairs)
+    ex = explainer_from_options(model, **model_kw)
     layer_spec = list(layers) if layers else ["auto"]
     for spec in layer_spec:
         ex.resolve_layer(spec)
@@ -61,7 +61,7 @@ def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs,
     display = None
     for spelled, m in zip(methods, method_objs):
         result = ex.explain([picture_in], method=m.name, layer=layer_spec if len(layer_spec) > 1 else layer_spec[0],
-                            target=_parse_target(target), **options)
+                            target=parse_target(target), **options)
         display = result.display[0]
         t = int(result.targets[0])
         panels.append(_panel(picture(display, result.maps[0], result.signed), size))
@@ -73,5 +73,3 @@ def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs,
     click.echo(f"wrote {out_path} ({len(method_objs)} method(s), layer {', '.join(layer_spec)})")
 
 
-# Registered here rather than by name in main.py, so importing this module first cannot hit a half-built one.
-main.add_command(compare)

@@ -9,8 +9,8 @@ import click
 
 from onnx_saliency.errors import SaliencyError
 
-from .main import _explainer, _parse_options, _parse_target, _split_model_and_images, fail_cleanly, main, \
-    with_model_options
+from .common import (explainer_from_options, fail_cleanly, parse_options, parse_target, split_model_and_images, with_model_options)
+
 
 
 @click.command()
@@ -22,7 +22,7 @@ from .main import _explainer, _parse_options, _parse_target, _split_model_and_im
                    "energy-pointing-game, localization (need --annotations), sanity-cascading, sanity-independent; "
                    "or 'all'. Repeatable.")
 @click.option("--annotations", type=click.Path(), default=None,
-              help="Boxes/masks per image (JSON; format in onnx_saliency/annotations.py).")
+              help="Boxes/masks per image (JSON; format in onnx_saliency/evaluation/annotations.py).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="evaluation_out", show_default=True)
 @click.option("--layer", "layers", multiple=True, help="Layer for CAM methods (repeatable; default auto).")
 @click.option("--target", default=None,
@@ -49,14 +49,14 @@ def evaluate(inputs, methods, metrics, annotations, out_dir, layers, target, bat
              deletion_baseline, insertion_baseline, ad_variant, tolerance, threshold, sanity_steps, sanity_images,
              seed, option_pairs, **model_kw):
     """Score METHODS on IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model)."""
-    from onnx_saliency.annotations import load_annotations
-    from onnx_saliency.evaluation import DEFAULT_METRICS, LOCALIZATION_METRICS, METRICS, Settings, evaluate as run, \
+    from onnx_saliency.evaluation.annotations import load_annotations
+    from onnx_saliency.evaluation.runner import DEFAULT_METRICS, LOCALIZATION_METRICS, METRICS, Settings, evaluate as run, \
         sanity_step_count, settings_lines
-    from onnx_saliency.evaluation_output import format_table, write_evaluation
+    from onnx_saliency.evaluation.output import format_table, write_evaluation
     from onnx_saliency.methods import get_method
     from onnx_saliency.models import DEFAULT_MODEL_PATH, DEFAULT_SAMPLES_DIR
 
-    model, images = _split_model_and_images(inputs)
+    model, images = split_model_and_images(inputs)
     if annotations is None and model == DEFAULT_MODEL_PATH and all(p.parent == DEFAULT_SAMPLES_DIR for p in images):
         annotations = str(DEFAULT_SAMPLES_DIR / "annotations.json")
     chosen = list(dict.fromkeys(metrics)) or list(DEFAULT_METRICS) + (list(LOCALIZATION_METRICS) if annotations else [])
@@ -75,8 +75,8 @@ def evaluate(inputs, methods, metrics, annotations, out_dir, layers, target, bat
                         ad_variant=ad_variant, tolerance=tolerance, threshold=threshold, sanity_steps=sanity_steps,
                         sanity_images=sanity_images, seed=seed, batch_size=batch_size,
                         metric_batch_size=metric_batch_size, layers=list(layers) or ["auto"],
-                        target=_parse_target(target), options=_parse_options(option_pairs))
-    ex = _explainer(model, **model_kw)
+                        target=parse_target(target), options=parse_options(option_pairs))
+    ex = explainer_from_options(model, **model_kw)
     n_sanity = min(len(images), sanity_images if sanity_images is not None else len(images))
     total = len(images) * len(methods) + (sanity_step_count(ex, settings, chosen) * len(methods) if n_sanity else 0)
     with click.progressbar(length=total, label="evaluating", file=sys.stderr, hidden=total < 2) as bar:
@@ -90,5 +90,3 @@ def evaluate(inputs, methods, metrics, annotations, out_dir, layers, target, bat
     click.echo(f"wrote {len(written)} file(s) to {out_dir}")
 
 
-# Registered here rather than by name in main.py, so importing this module first cannot hit a half-built one.
-main.add_command(evaluate)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .audit import lazily_fail_cleanly
+from .common import fail_cleanly
 
 
 @click.command("export-explainer")
@@ -24,7 +24,7 @@ from .audit import lazily_fail_cleanly
 @click.option("--report", is_flag=True, help="Also print what canonicalisation did, node by node.")
 @click.option("--preset", default=None, help="Preprocessing preset recorded in the file's metadata.")
 @click.option("--labels", type=click.Path(), default=None, help="Class names recorded in the file's metadata.")
-@lazily_fail_cleanly
+@fail_cleanly
 def export_explainer(model, method, layers, output, resize, composite, rule_map, init, report, preset, labels):
     """Write MODEL's explain graph: original outputs + target_class, target_score, saliency_map
     (+ attributions for pixel methods); inputs: the image and `targets` (int64, -1 = top-1)."""

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .engine import Engine
 from .errors import SaliencyError
-from .layers import Layer, candidate_layers, resolve_layer
+from .intake.labels import load_labels
+from .intake.layers import Layer, candidate_layers, resolve_layer
 from .methods import Result, get_method
 from .methods.base import Request
-from .model import LoadedModel, load_model
-from .preprocess import Preprocessing, load_image, prepare
+from .intake.model import LoadedModel, load_model
+from .intake.preprocess import Preprocessing, load_image, prepare
 
 
 class Explainer:
@@ -103,28 +103,3 @@ def _as_uint8(img) -> np.ndarray:
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise SaliencyError(f"image arrays must be uint8 HxWx3 RGB, got {img.dtype} {img.shape}")
     return img
-
-
-def load_labels(source) -> list[str]:
-    """Labels from a list, a JSON list, a Keras-style class-index JSON, or a text file (one per line)."""
-    if isinstance(source, (list, tuple)):
-        return [str(s) for s in source]
-    path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise SaliencyError(f"--labels {path}: cannot read ({err.strerror})") from err
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SaliencyError(f"--labels {path}: invalid JSON ({err.msg} at line {err.lineno})") from err
-        if isinstance(data, list):
-            return [str(s) for s in data]
-        if isinstance(data, dict):
-            try:
-                return [str(v[-1] if isinstance(v, list) else v) for _, v in sorted(data.items(), key=lambda kv: int(kv[0]))]
-            except ValueError as err:
-                raise SaliencyError(f"--labels {path}: keys must be class indices") from err
-        raise SaliencyError(f"--labels {path}: expected a list or an index -> name mapping")
-    return [line.strip() for line in text.splitlines() if line.strip()]

@@ -253,7 +253,7 @@ def explain_graph_info(model: onnx.ModelProto) -> dict | None:
 
 
 def export_explainer(explainer, out_path, method: str, layers=("auto",), **kw) -> onnx.ModelProto:
-    from .writers import write_bytes
+    from .output.writers import write_bytes
 
     graph = build_explain_graph(explainer, method, layers, **kw)
     data = graph.SerializeToString()

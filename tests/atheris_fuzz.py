@@ -19,10 +19,10 @@ import numpy  # noqa: F401
 import onnx  # noqa: F401
 
 with atheris.instrument_imports(include=["onnx_saliency", "graph_passes"]):
-    from onnx_saliency import annotations
+    from onnx_saliency.evaluation import annotations
     from onnx_saliency.errors import SaliencyError
-    from onnx_saliency.model import load_model
-    from onnx_saliency.preprocess import load_image
+    from onnx_saliency.intake.model import load_model
+    from onnx_saliency.intake.preprocess import load_image
 
 WORK = Path(tempfile.mkdtemp(prefix="atheris-"))
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from onnx_saliency import SaliencyError
-from onnx_saliency.annotations import load_annotations, map_boxes, resize_crop_geometry
+from onnx_saliency.evaluation.annotations import load_annotations, map_boxes, resize_crop_geometry
 from onnx_saliency.models import DEFAULT_SAMPLES_DIR
-from onnx_saliency.preprocess import Preprocessing, _resize_crop
+from onnx_saliency.intake.preprocess import Preprocessing, _resize_crop
 
 
 @pytest.mark.parametrize("wh,pre", [

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 from onnx_saliency.cli.main import main
-from onnx_saliency.report import outputs_complete
+from onnx_saliency.output.sidecar import outputs_complete
 from tests.graphs import tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from onnx_saliency import SaliencyError
-from onnx_saliency.context_saliency import context_aware_saliency
+from onnx_saliency.methods.context_saliency import context_aware_saliency
 
 
 def _resize(img, h, w):

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onnx_saliency.errors import SaliencyError
-from onnx_saliency.model import load_model
-from onnx_saliency.preprocess import Preprocessing, load_image, prepare
+from onnx_saliency.intake.model import load_model
+from onnx_saliency.intake.preprocess import Preprocessing, load_image, prepare
 from tests.graphs import tiny_classifier
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -137,10 +137,10 @@ def test_prepare_random_arrays(specs, mode, resize, crop, preset, layout):
 
 
 try:
-    from onnx_saliency import annotations
+    from onnx_saliency.evaluation import annotations
 except ImportError:  # written alongside this module; the other fuzz tests must not depend on it
     annotations = None
-needs_annotations = pytest.mark.skipif(annotations is None, reason="onnx_saliency.annotations is not present")
+needs_annotations = pytest.mark.skipif(annotations is None, reason="onnx_saliency.evaluation.annotations is not present")
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 3000) | st.floats(allow_nan=True, allow_infinity=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from onnx_saliency.errors import SaliencyError
-from onnx_saliency.preprocess import Preprocessing, load_image, prepare
+from onnx_saliency.intake.preprocess import Preprocessing, load_image, prepare
 
 RED_BGR = (0, 0, 255)
 
@@ -138,7 +138,7 @@ def test_jpeg_size_found_after_large_metadata(tmp_path):
 
 
 def test_extreme_aspect_ratio_is_refused_before_resizing(monkeypatch):
-    from onnx_saliency import preprocess
+    from onnx_saliency.intake import preprocess
 
     monkeypatch.setattr(preprocess, "MAX_PIXELS", 100_000)  # the default 10^8 needs a 1 x 6.3*10^6 strip
     strip = np.zeros((1, 20000, 3), np.uint8)  # resize shorter side 16 -> 16 x 320000 pixels

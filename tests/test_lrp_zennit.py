@@ -179,7 +179,7 @@ def exported(tmp_path_factory):
     def get(name):
         if name not in cache:
             from onnx_saliency.engine import Engine
-            from onnx_saliency.model import load_model
+            from onnx_saliency.intake.model import load_model
 
             model, path, x = _build(name, tmp_path_factory.mktemp(name))
             with torch.no_grad():

@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 from onnx_saliency import Explainer, SaliencyError
-from onnx_saliency.postprocess import scale_cam_image
+from onnx_saliency.output.postprocess import scale_cam_image
 from tests.graphs import conv3x3, make_model
 
 K, C, HW, CLASSES = 6, 3, 12, 4

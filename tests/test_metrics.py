@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from onnx import helper
 
 from onnx_saliency import SaliencyError
-from onnx_saliency import metrics as M
-from onnx_saliency.annotations import InputRegions
+from onnx_saliency.evaluation import metrics as M
+from onnx_saliency.evaluation.annotations import InputRegions
 from onnx_saliency.cli.main import main
 from onnx_saliency.engine import Engine
-from onnx_saliency.model import load_model
+from onnx_saliency.intake.model import load_model
 from tests.graphs import make_model, tiny_classifier
 
 S = 16                       # input side

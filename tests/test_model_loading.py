@@ -8,10 +8,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from onnx_saliency import model as model_module
+from onnx_saliency.intake import model as model_module
 from onnx_saliency.cli.main import main
 from onnx_saliency.errors import SaliencyError
-from onnx_saliency.model import load_model, read_model
+from onnx_saliency.intake.model import load_model, read_model
 from tests.graphs import tiny_classifier
 from tests.open_watch import opened_files
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from onnx_saliency.errors import SaliencyError
-from onnx_saliency.postprocess import (
+from onnx_saliency.output.postprocess import (
     colorize, colorize_signed, grid, minmax, overlay, resize_maps, scale_cam_image,
 )
 

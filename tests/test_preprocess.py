@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from onnx_saliency.errors import SaliencyError
-from onnx_saliency.preprocess import (
+from onnx_saliency.intake.preprocess import (
     META_CROP, META_LABELS, META_PRESET, META_RESIZE, META_RESIZE_MODE, PRESETS, Preprocessing, input_bounds,
     labels_from_metadata, load_image, prepare,
 )

@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 from graph_passes import GraphPassError
 from graph_passes.randomize import CASCADE, parameter_layers, randomize_weights
 from onnx_saliency import Explainer, SaliencyError
-from onnx_saliency.sanity import randomization_test, rankdata, spearman, ssim
+from onnx_saliency.evaluation.sanity import randomization_test, rankdata, spearman, ssim
 from tests.graphs import make_model, session, tiny_classifier
 
 

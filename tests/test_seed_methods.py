@@ -20,7 +20,7 @@ from onnx_saliency import lrp as L
 from onnx_saliency.methods import Method, Result, get_method
 from onnx_saliency.methods.gradual import GradualExtrapolation, downsampling_excitations, extrapolate
 from onnx_saliency.methods.relevance_cam import relevance_cam_composite
-from onnx_saliency.postprocess import scale_cam_image
+from onnx_saliency.output.postprocess import scale_cam_image
 from tests.graphs import conv3x3, make_model, tiny_classifier
 
 C, K1, K2, HW, CLASSES = 3, 4, 5, 8, 4
@@ -171,7 +171,7 @@ def test_guidance_cam_matches_numpy_reference(net, layer, variant):
 
 
 def test_guidance_cam_sidecar_says_formula_is_provisional(net):
-    from onnx_saliency.report import sidecar
+    from onnx_saliency.output.sidecar import sidecar
 
     r = net["ex"].explain(net["x"][:1], method="guidance-cam", layer="a1")
     notes = sidecar(net["ex"], r, 0, Path("x.png"), {})["notes"]

@@ -7,9 +7,9 @@ import pytest
 from onnx import helper
 
 from onnx_saliency import Explainer, SaliencyError
-from onnx_saliency.context_saliency import context_aware_saliency
+from onnx_saliency.methods.context_saliency import context_aware_saliency
 from onnx_saliency.methods.sr_map import heatmap_image
-from onnx_saliency.postprocess import minmax
+from onnx_saliency.output.postprocess import minmax
 from tests.graphs import conv3x3, make_model
 
 CLASSES, EPS = 4, 1e-9

@@ -7,7 +7,7 @@ import pytest
 from onnx import helper
 
 import graph_passes as gp
-from graph_passes.tsgb_rules import append_tsgb
+from graph_passes.tsgb import append_tsgb
 from onnx_saliency import Explainer, SaliencyError
 from tests.graphs import make_model, session
 

@@ -10,7 +10,7 @@ import pytest
 from onnx import helper
 
 from graph_passes import GraphPassError, UnsupportedOpsError, append_vjp, expose_tensors, grad_name
-from graph_passes import vjp_rules
+from graph_passes.vjp import rules as vjp_rules
 from tests.graphs import Float64Reference, make_model, session
 
 H = 1e-4

@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from onnx_saliency import writers
+from onnx_saliency.output import writers
 from onnx_saliency.errors import SaliencyError
-from onnx_saliency.writers import ensure_dir, write_json, write_npy, write_png
+from onnx_saliency.output.writers import ensure_dir, write_json, write_npy, write_png
 
 
 def _no_temp_files(folder):

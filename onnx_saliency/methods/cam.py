@@ -13,7 +13,7 @@ from graph_passes import grad_name
 from graph_passes._graph import attrs, consumers, initializers
 
 from ..errors import SaliencyError
-from ..postprocess import scale_cam_image
+from ..output.postprocess import scale_cam_image
 from .base import Method, Request, Result
 
 

@@ -11,7 +11,7 @@ from graph_passes._graph import ancestors
 
 from .. import lrp as L
 from ..errors import SaliencyError, UnsupportedModelError
-from ..layers import auto_layer
+from ..intake.layers import auto_layer
 from .base import Method, Request, Result
 from .gradual import extra_exposures, hand_over
 from .layer_maps import combine_layer_maps, spatial, tensor_or_node
@@ -150,4 +150,4 @@ class ContrastiveExcitationBackprop(Method):
         sess, _, _ = engine.session(("cmwp", classifier, contrast, layers, ride), build)
         wanted = ([score, gp.RESOLVED, gp.TARGET_SCORE] + [f"cmwp/target/{t}" for t in layers] + ["cmwp/dual"]
                   + [f"cmwp/contrast/{t}" for t in others] + list(ride))
-        return L._run(engine, sess, wanted, req.x, req.targets, req.batch_size, comp, (), "one")
+        return L.run_relevance(engine, sess, wanted, req.x, req.targets, req.batch_size, comp, (), "one")

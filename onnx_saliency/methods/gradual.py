@@ -11,7 +11,7 @@ import numpy as np
 from graph_passes._graph import ancestors, attrs, tensor_infos
 
 from ..errors import SaliencyError
-from ..postprocess import resize_maps
+from ..output.postprocess import resize_maps
 from .base import Method, Request, Result
 
 VARIANTS = ("original", "upsample")

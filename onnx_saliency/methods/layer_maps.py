@@ -8,7 +8,7 @@ import numpy as np
 from graph_passes._graph import producers, tensor_infos
 
 from ..errors import SaliencyError
-from ..postprocess import scale_cam_image
+from ..output.postprocess import scale_cam_image
 
 
 def combine_layer_maps(raws: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:

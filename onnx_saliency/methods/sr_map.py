@@ -19,9 +19,9 @@ import numpy as np
 from graph_passes import lrp as R
 
 from .. import lrp as L
-from ..context_saliency import context_aware_saliency
+from .context_saliency import context_aware_saliency
 from ..errors import SaliencyError
-from ..postprocess import minmax
+from ..output.postprocess import minmax
 from . import register
 from .base import Method, Request, Result
 

@@ -1,6 +1,6 @@
 """`tsgb`: Target-Selective Gradient Backprop (Cheng et al., IEEE TIP 2022; methods-spec section 3).
 
-One forward and one modified backward pass (graph_passes.tsgb_rules); the map is sum_c x * g-hat at the input.
+One forward and one modified backward pass (graph_passes.tsgb); the map is sum_c x * g-hat at the input.
 The map is signed and implicitly contrastive (the target's rectified contribution sums to zero at the
 classifier input); the reference displays max(S, 0) / max|S|, which the diverging picture shows as its red half.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 import graph_passes as gp
-from graph_passes.tsgb_rules import append_tsgb, classifier_layers
+from graph_passes.tsgb import append_tsgb, classifier_layers
 
 from ..engine import check_finite
 from ..errors import SaliencyError, UnsupportedModelError

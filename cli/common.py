@@ -1,0 +1,152 @@
+"""What every command shares: one-line errors instead of tracebacks, the model options, the images and
+KEY=VALUE options on the command line, byte sizes and memory figures. No command imports another command."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from onnx_saliency.errors import SaliencyError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+                  ".pnm", ".pam"}
+
+
+def fail_cleanly(fn):
+    """Turn library errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from graph_passes import GraphPassError
+
+        try:
+            return fn(*args, **kwargs)
+        except SaliencyError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except GraphPassError as err:
+            click.echo(f"error: {' '.join(str(err).split())}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def split_model_and_images(args: tuple[str, ...]):
+    from onnx_saliency.models import DEFAULT_MODEL_PATH, DEFAULT_SAMPLES_DIR
+
+    if args and args[0].lower().endswith(".onnx"):
+        model, rest = Path(args[0]), args[1:]
+    else:
+        model, rest = DEFAULT_MODEL_PATH, args
+    if not rest and model == DEFAULT_MODEL_PATH:
+        rest = (str(DEFAULT_SAMPLES_DIR),)
+    if not rest:
+        raise SaliencyError(f"no images given to explain with {model}")
+    return model, expand_images(rest)
+
+
+def expand_images(items) -> list[Path]:
+    images: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise SaliencyError(f"{p}: folder contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            images += found
+        elif p.is_file():
+            images.append(p)
+        else:
+            raise SaliencyError(f"{p}: no such image file or folder")
+    stems = [p.stem for p in images]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise SaliencyError(f"several images share the name {dupes[0]!r}; outputs are written per image stem")
+    return images
+
+
+def parse_options(pairs) -> dict:
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SaliencyError(f"--option {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        options[key.strip()] = value
+    return options
+
+
+def parse_target(target):
+    if target is None:
+        return None
+    parts = [t.strip() for t in target.split(",")]
+    return parts[0] if len(parts) == 1 else parts
+
+
+model_options = [
+    click.option("--preset", default=None, help="Preprocessing preset: torchvision, caffe, tf, efficientnet-lite, raw "
+                 "(default: from the model's metadata or the known-model manifest)."),
+    click.option("--resize", type=int, default=None, help="Resize the shorter side to this many pixels."),
+    click.option("--crop", type=int, default=None, help="Centre-crop size."),
+    click.option("--resize-mode", type=click.Choice(["shorter", "square", "none"]), default=None),
+    click.option("--labels", "labels", type=click.Path(), default=None,
+                 help="Class names: JSON list, Keras class-index JSON, or a text file with one name per line."),
+    click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+    click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads."),
+]
+
+
+def with_model_options(fn):
+    for opt in reversed(model_options):
+        fn = opt(fn)
+    return fn
+
+
+def explainer_from_options(model, preset, resize, crop, resize_mode, labels, provider, threads):
+    from onnx_saliency import Explainer
+
+    return Explainer(model, preset=preset, provider=provider, threads=threads, labels=labels,
+                     resize=resize, crop=crop, resize_mode=resize_mode)
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '300000000' -> bytes."""
+    import re
+
+    units = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "kib": 2 ** 10, "m": 10 ** 6, "mb": 10 ** 6,
+             "mib": 2 ** 20, "g": 10 ** 9, "gb": 10 ** 9, "gib": 2 ** 30, "t": 10 ** 12, "tb": 10 ** 12,
+             "tib": 2 ** 40}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in units or float(match.group(1)) * units[match.group(2).lower()] < 1:
+        raise SaliencyError(f"{option} {text!r}: expected a size such as 2GiB, 512MiB or a number of bytes")
+    return int(float(match.group(1)) * units[match.group(2).lower()])
+
+
+def mib(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+def peak_rss_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def echo_rewrite_report(loaded, label: str = "rewrite") -> None:
+    """What canonicalisation did to the model, node by node (the --report of every command)."""
+    for line in loaded.report.lines():
+        click.echo(f"{label}  {line}")

@@ -1,0 +1,105 @@
+"""`onnx-saliency explain`: maps for images, written per image and method."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from onnx_saliency.errors import SaliencyError
+
+from .common import (explainer_from_options, fail_cleanly, mib, parse_bytes, parse_options, parse_target,
+                     peak_rss_bytes, split_model_and_images, with_model_options)
+
+
+@click.command()
+@click.argument("inputs", nargs=-1)
+@click.option("-m", "--method", "methods", multiple=True, default=("gradcam",), show_default=True,
+              help="Method (repeatable). See `onnx-saliency methods`.")
+@click.option("--layer", "layers", multiple=True, help="Layer tensor/node name or index (repeatable; default auto).")
+@click.option("--target", default=None, help="top1 (default), a class index or label, or a comma list per image.")
+@click.option("--out", "out_dir", type=click.Path(), default="saliency_out", show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE (e.g. n=50, steps=32).")
+@click.option("--composite", default=None, help="LRP composite (see `onnx-saliency rules --help`).")
+@click.option("--rule-map", type=click.Path(), default=None, help="LRP rule map file (JSON) mapping nodes to rules.")
+@click.option("--resume", is_flag=True, help="Skip images whose outputs (png, npy, json) for every method already "
+              "exist and are valid; redo the rest.")
+@click.option("--max-pixels", type=int, default=None, help="Refuse images with more pixels than this, read from "
+              "the file header before decoding (default 100000000).")
+@click.option("--memory-budget", default="2GiB", show_default=True,
+              help="Split batches so one onnxruntime call stays under this estimate (e.g. 512MiB, 8GiB).")
+@click.option("--report", is_flag=True, help="Print what canonicalisation did, batch splits, peak memory and, for "
+              "LRP, a conservation table.")
+@with_model_options
+@fail_cleanly
+def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, composite, rule_map, resume,
+            max_pixels, memory_budget, report, **model_kw):
+    """Explain IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model).
+
+    A bad image is reported on stderr (one line naming it) and skipped; the others are written. Exit
+    status: 0 every image explained (or already complete with --resume); 1 some images failed (each
+    reported, then a summary line listing them; all others written); 2 a usage, option or model error,
+    found before any image is processed (nothing written), or an output that cannot be written (the run
+    stops there); 130 interrupted. Outputs are whole files or absent: rerun with --resume to finish.
+    """
+    from onnx_saliency.output.batch import explain_images
+    from onnx_saliency.methods import get_method
+    from onnx_saliency.intake.preprocess import MAX_PIXELS
+
+    if batch_size < 1:
+        raise SaliencyError(f"--batch-size {batch_size}: must be at least 1")
+    if max_pixels is not None and max_pixels < 1:
+        raise SaliencyError(f"--max-pixels {max_pixels}: must be at least 1")
+    budget = parse_bytes(memory_budget, "--memory-budget")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SaliencyError(f"--out {out}: exists and is not a folder")
+    model, images = split_model_and_images(inputs)
+    method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
+    options = parse_options(option_pairs)
+    if composite is not None:
+        options["composite"] = composite
+    if rule_map is not None:
+        if not Path(rule_map).is_file():
+            raise SaliencyError(f"--rule-map {rule_map}: no such file")
+        options["rule_map"] = rule_map
+    ex = explainer_from_options(model, **model_kw)
+    ex.engine.memory_budget = budget
+    if composite is not None or rule_map is not None:
+        from onnx_saliency import lrp
+
+        lrp.resolve_composite(ex.engine, composite, rule_map)
+    if report:
+        for line in ex.model.report.lines():
+            click.echo(f"rewrite  {line}")
+    layer_spec = list(layers) if layers else ["auto"]
+    for m in method_objs:
+        if m.uses_layer:
+            for spec in layer_spec:
+                ex.resolve_layer(spec)
+    targets = ex.targets(parse_target(target), len(images))
+
+    total = len(images) * len(method_objs)
+    hidden = total < 2 or not sys.stderr.isatty()  # in logs and CI a progress bar is noise
+    with click.progressbar(length=len(images), label="explaining", file=sys.stderr, hidden=hidden) as bar:
+        outcome = explain_images(ex, images, [m.name for m in method_objs], out,
+                                 layer=layer_spec if len(layer_spec) > 1 else layer_spec[0], targets=targets,
+                                 batch_size=batch_size, options=options, max_pixels=max_pixels or MAX_PIXELS,
+                                 resume=resume, on_failure=lambda line: click.echo(f"error: {line}", err=True),
+                                 on_progress=bar.update)
+    for image, method, value in outcome.constant:
+        click.echo(f"warning: {image}: the {method} map is constant ({value:g}); saved as is, not normalised")
+    if report:
+        for method, note in outcome.notes:
+            click.echo(f"{method}  {note}", err=True)
+        for (asked, backward), (fitted, per_image) in sorted(ex.engine.batch_limits.items()):
+            click.echo(f"memory  batch of {asked} split into runs of {fitted} ({'with' if backward else 'no'} "
+                       f"backward pass: ~{mib(per_image)} per image, budget {mib(budget)})")
+        peak = peak_rss_bytes()
+        click.echo(f"memory  peak resident {mib(peak)} (getrusage ru_maxrss)" if peak is not None
+                   else "memory  peak resident unknown on this platform")
+    resumed = f"; {len(outcome.resumed)} already complete (--resume)" if outcome.resumed else ""
+    click.echo(f"wrote {len(outcome.written)} image(s) x {len(method_objs)} method(s) to {out}{resumed}")
+    outcome.raise_for_failures(len(images))

@@ -1,0 +1,33 @@
+"""`onnx-saliency rules`: the LRP rule of every node, before anything runs."""
+
+from __future__ import annotations
+
+import click
+
+from onnx_saliency.errors import SaliencyError
+
+from .common import echo_rewrite_report, explainer_from_options, fail_cleanly, with_model_options
+
+
+@click.command()
+@click.argument("model", type=click.Path())
+@click.option("--composite", default="epsilon-plus-flat", show_default=True)
+@click.option("--rule-map", type=click.Path(), default=None, help="JSON rule map (overrides --composite).")
+@click.option("--report", is_flag=True, help="Also print what canonicalisation did, node by node.")
+@with_model_options
+@fail_cleanly
+def rules(model, composite, rule_map, report, **model_kw):
+    """Print the LRP rule of every node, folded BatchNorms, residual Adds and nodes without a rule."""
+    from onnx_saliency import lrp
+
+    ex = explainer_from_options(model, **model_kw)
+    if report:
+        echo_rewrite_report(ex.model)
+    comp = lrp.resolve_composite(ex.engine, composite, rule_map)
+    lines = lrp.rule_report(ex.model, comp)
+    for line in lines:
+        click.echo(line)
+    missing = [line for line in lines if "NO RULE" in line]
+    if missing:
+        raise SaliencyError(f"{len(missing)} node(s) have no relevance rule: "
+                            + ", ".join(line.split("\t")[0] + f" ({line.split(chr(9))[1]})" for line in missing))

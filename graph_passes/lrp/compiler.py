@@ -1,0 +1,493 @@
+"""Layer-wise relevance propagation as ONNX: rules as data, compiled into append_vjp backward rules.
+
+Relevance flows backwards exactly like a gradient in append_vjp, only each node's "backward" is an LRP rule.
+So one onnxruntime call yields logits, activations and relevance at any requested tensor, on any provider.
+
+Rules are frozen dataclasses (after zennit's BasicHook): a linear rule is a list of *groups*, each group a list
+of *terms* (input modifier, weight modifier, bias modifier, sign). For a linear layer y = W x + b:
+
+    z_g   = sum_t sign_t * (W_t in_t + b_t)                        (per group g)
+    s_g   = mask_g(y) * R / stab(z_g),   stab(z) = z + eps * sign0(z)   (sign0(0) = +1, as zennit)
+    R_in  = sum_g coef_g * sum_t sign_t * in_t (.) W_t^T s_g
+
+LRP-0/epsilon reuse the forward output y as z (no extra conv). Where the input is provably non-negative
+(produced by Relu, a pool of one, ...), terms on x- vanish and x+ = x, which halves the work of z+/alpha-beta.
+
+Layers: Conv (grouped/depthwise, dilated, asymmetric/auto pads), Gemm (transA=0) and MatMul with a constant
+weight. An affine *tail* directly after a linear layer, i.e. a bias Add of a constant broadcast along the output
+channels (tf2onnx's MatMul + BiasAdd) or a BatchNormalization that canonicalisation could not fold, is treated
+as part of that layer: the rule sees W_eff = W * scale, b_eff = b * scale + shift, and the tail node passes
+relevance through unchanged. Folded and unfolded BatchNorm therefore give the same relevance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .._graph import GraphPassError, attrs
+from ..vjp import append_vjp
+from ..vjp import rules as vjp_rules
+from .analysis import LinearLayer, LRPAnalysis, _channel_vector, analyze, positive_support
+from .rules import Gate, Gradient, Group, LRPRule, Norm, Pass, WinnerTakeAll
+
+def _stab_div(b, r: str, z: str, eps: float, nonneg: bool = False, positive: str | None = None) -> str:
+    """r / (z + eps * sign0(z)) with sign0(0) = +1 (zennit's stabiliser); eps = 0: r / z, and 0 where z = 0.
+
+    nonneg: z is known >= 0, so sign0(z) = +1 everywhere and the Less/Where pair (the slowest part of the
+    stabiliser in onnxruntime) is not needed; the values are the same. positive: relu(z), given where r is
+    0 wherever z <= 0 (see positive_support); r / (relu(z) + eps) then has the same values."""
+    if eps and nonneg:
+        return b.add("Div", [r, b.add("Add", [z, b.const(eps)])])
+    if eps and positive:
+        return b.add("Div", [r, b.add("Add", [positive, b.const(eps)])])
+    if eps:
+        shift = b.add("Where", [b.add("Less", [z, b.const(0.0)]), b.const(-eps), b.const(eps)])
+        return b.add("Div", [r, b.add("Add", [z, shift])])
+    zero = b.add("Equal", [z, b.const(0.0)])
+    safe = b.add("Where", [zero, b.const(1.0), z])
+    return b.add("Where", [zero, b.const(0.0), b.add("Div", [r, safe])])
+
+
+class _Linear:
+    """Forward (modified weights) and transposed application of one Conv/Gemm/MatMul layer."""
+
+    def __init__(self, b, node, layer: LinearLayer, analysis: LRPAnalysis):
+        self.b, self.node, self.layer = b, node, layer
+        op = node.op_type
+        w = b.value(node.input[1]).astype(np.float64)
+        bias = None
+        if op == "Conv":
+            if len(node.input) > 2 and node.input[2]:
+                bias = self._const(node.input[2]).reshape(-1)
+            self.w = w  # (M, C/g, k...)
+        elif op == "Gemm":
+            a = attrs(node)
+            wt = w.T if a.get("transB", 0) else w
+            self.w = wt * a.get("alpha", 1.0)  # (K, M)
+            if len(node.input) > 2 and node.input[2]:
+                c = self._const(node.input[2])
+                if c.size not in (1, self.w.shape[1]):
+                    raise GraphPassError(f"{node.name} (Gemm): LRP needs a bias broadcast along the outputs")
+                bias = np.broadcast_to(c.reshape(-1), (self.w.shape[1],)) * a.get("beta", 1.0)
+        else:
+            self.w = w  # (K, M)
+        channels = self.w.shape[0] if op == "Conv" else self.w.shape[1]
+        scale, shift = np.ones(channels), np.zeros(channels)
+        for tail_name in layer.tails:
+            tail = analysis.nodes[tail_name]
+            if tail.op_type == "Add":
+                other = next(i for i in tail.input if b.value(i) is not None)
+                shift = shift + _channel_vector(b.value(other), layer.kind, 4 if op == "Conv" else 2, channels)
+            else:  # BatchNormalization
+                gamma, beta, mean, var = (b.value(i).astype(np.float64) for i in tail.input[1:5])
+                s = gamma / np.sqrt(var + attrs(tail).get("epsilon", 1e-5))
+                scale, shift = scale * s, shift * s + beta - mean * s
+        # (initializer, transB) computing s @ W^T from the graph's own weight; None once the weight is rescaled
+        self.original_weight = None
+        if op != "Conv" and not layer.tails and (op == "MatMul" or attrs(node).get("alpha", 1.0) == 1.0):
+            self.original_weight = (node.input[1], 0 if op == "Gemm" and attrs(node).get("transB", 0) else 1)
+        if layer.tails:
+            if op == "Conv":
+                self.w = self.w * scale.reshape((-1,) + (1,) * (self.w.ndim - 1))
+            else:
+                self.w = self.w * scale[None, :]
+            bias = (np.zeros(channels) if bias is None else bias) * scale + shift
+        self.bias = bias
+        self._fwd_cache: dict = {}
+
+    def _const(self, name):
+        v = self.b.value(name)
+        if v is None:
+            raise GraphPassError(f"{self.node.name} ({self.node.op_type}): LRP needs constant weights and bias")
+        return v.astype(np.float64)
+
+    def weight(self, mod: str, gamma: float) -> np.ndarray:
+        w = self.w
+        return {"w": lambda: w, "w+": lambda: np.maximum(w, 0), "w-": lambda: np.minimum(w, 0),
+                "ones": lambda: np.ones_like(w), "w2": lambda: w * w,
+                "w+g+": lambda: w + gamma * np.maximum(w, 0), "w+g-": lambda: w + gamma * np.minimum(w, 0)}[mod]()
+
+    def biasv(self, mod: str, gamma: float):
+        c = self.bias
+        if c is None or mod == "zero":
+            return None
+        return {"b": lambda: c, "b+": lambda: np.maximum(c, 0), "b-": lambda: np.minimum(c, 0),
+                "b2": lambda: c * c, "b+g+": lambda: c + gamma * np.maximum(c, 0),
+                "b+g-": lambda: c + gamma * np.minimum(c, 0)}[mod]()
+
+    def forward(self, inp: str, w: np.ndarray, bias, shift: float = 0.0) -> str:
+        """W inp + bias (+ shift: a stabiliser folded into the bias, which the Conv / Add applies for free)."""
+        b, node = self.b, self.node
+        if shift:
+            channels = w.shape[0] if node.op_type == "Conv" else w.shape[1]
+            bias = (np.zeros(channels) if bias is None else bias) + shift
+        if node.op_type == "Conv":
+            ins = [inp, b.const(w)] + ([b.const(bias)] if bias is not None else [])
+            return b.add("Conv", ins, **{k: v for k, v in attrs(node).items()})
+        y = b.add("MatMul", [inp, b.const(w)])
+        return b.add("Add", [y, b.const(bias)]) if bias is not None else y
+
+    def transpose(self, s: str, w: np.ndarray, kind: str = "") -> str:
+        """W^T s for the (modified) weight w; `kind` "w" with no fused tail may reuse the graph's own weight."""
+        b, node = self.b, self.node
+        group = attrs(node).get("group", 1) if node.op_type == "Conv" else 1
+        if group == 1 and w.size > 1 and np.all(w == w.flat[0]):
+            # a constant weight (flat rule): every output channel gets the same W^T s, which depends on s only
+            # through its channel sum, so transpose that one channel (64x less work on a ResNet's first layer)
+            if node.op_type == "Conv":  # a 1x1 Conv sums channels ~3x faster than ReduceSum in onnxruntime
+                s = b.add("Conv", [s, b.const(np.ones((1, w.shape[0]) + (1,) * (w.ndim - 2), np.float32))])
+                w = w[:1]
+            else:
+                s = b.add("ReduceSum", [s, b.const(np.array([-1], np.int64), np.int64)], keepdims=1)
+                w = w[:, :1]
+        if node.op_type == "Conv":
+            kernel = list(attrs(node).get("kernel_shape", w.shape[2:]))
+            xs, ys, strides, dil, begins, ends = vjp_rules._spatial(b, node, node.input[0], node.output[0], kernel)
+            k_eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+            if all(st == 1 for st in strides) and all(0 <= p <= k - 1 for p, k in zip(begins + ends, k_eff * 2)):
+                # stride 1: the transpose is a Conv with the flipped kernel, transposed per group and padded
+                # k_eff - 1 - pad; onnxruntime runs Conv several times faster than ConvTranspose (5x for 1x1)
+                m, cg = w.shape[:2]
+                wt = w.reshape((group, m // group, cg) + w.shape[2:]).swapaxes(1, 2)
+                wt = wt[(slice(None),) * 3 + (slice(None, None, -1),) * len(kernel)]
+                wt = np.ascontiguousarray(wt.reshape((group * cg, m // group) + w.shape[2:]))
+                pads = [k - 1 - p for k, p in zip(k_eff, begins)] + [k - 1 - p for k, p in zip(k_eff, ends)]
+                return b.add("Conv", [s, b.const(wt)], dilations=dil, pads=pads, group=group, kernel_shape=kernel)
+            pads, out_pad = vjp_rules._transpose_geometry(xs, ys, kernel, strides, dil, begins, ends)
+            return b.add("ConvTranspose", [s, b.const(w)], strides=strides, dilations=dil, pads=pads,
+                         output_padding=out_pad, group=group, kernel_shape=kernel)
+        shape = b.shape(node.output[0])  # s is shaped like the layer's output
+        if kind == "w" and self.original_weight is not None and shape is not None and len(shape) == 2:
+            # the unmodified weight is already an initializer: Gemm reads it transposed instead of a copy
+            name, trans_b = self.original_weight
+            return b.add("Gemm", [s, name], transB=trans_b)
+        return b.add("MatMul", [s, b.const(np.ascontiguousarray(w.T))])
+
+
+def _input_tensor(b, kind: str, x: str, rule: LRPRule, nonneg: bool, cache: dict) -> str | None:
+    """The modified input; None where it is identically zero (x- of a non-negative tensor)."""
+    if kind in cache:
+        return cache[kind]
+    if kind == "x" or (kind == "x+" and nonneg):
+        out = x
+    elif kind == "x+":
+        out = b.add("Relu", [x])
+    elif kind == "x-":
+        out = None if nonneg else b.add("Min", [x, b.const(0.0)])
+    else:
+        shape = b.shape(x)
+        static = shape is not None and all(d is not None for d in shape[1:])
+        if kind == "ones":
+            if static:
+                out = b.const(np.ones((1,) + tuple(shape[1:]), np.float32))
+            else:
+                out = b.add("ConstantOfShape", [b.add("Shape", [x])],
+                            value=numpy_helper.from_array(np.ones(1, np.float32)))
+        else:  # low / high: per-channel bounds over the whole (static) input, zero padding as zennit
+            values = np.asarray(rule.low if kind == "low" else rule.high, np.float64)
+            if not static or len(shape) < 2:
+                raise GraphPassError(f"{b.node.name}: the zbox rule needs a static input shape")
+            c = shape[1]
+            if values.size not in (1, c):
+                raise GraphPassError(f"{b.node.name}: zbox bounds have {values.size} values for {c} channels")
+            arr = np.broadcast_to(values.reshape((1, -1) + (1,) * (len(shape) - 2)) if values.size == c
+                                  else values.reshape(()), (1,) + tuple(shape[1:]))
+            out = b.const(np.ascontiguousarray(arr, np.float32))
+    cache[kind] = out
+    return out
+
+
+_INPUT_SIGN = {"x+": 1, "x-": -1, "ones": 1}
+_WEIGHT_SIGN = {"w+": 1, "w-": -1, "ones": 1, "w2": 1}
+_BIAS_SIGN = {"zero": 0, "b+": 1, "b-": -1, "b2": 1}
+
+
+def _group_nonneg(group: Group, nonneg_input: bool, has_bias: bool) -> bool:
+    """Whether every term of z = sum_t sign_t (in_t W_t + b_t) is provably >= 0 (z+, flat, w^2, ...)."""
+    for t in group.terms:
+        s_in = 1 if t.input == "x" and nonneg_input else _INPUT_SIGN.get(t.input)
+        s_w = _WEIGHT_SIGN.get(t.weight)
+        if s_in is None or s_w is None or t.sign * s_in * s_w < 0:
+            return False
+        s_b = _BIAS_SIGN.get(t.bias) if has_bias else 0
+        if s_b is None or t.sign * s_b < 0:
+            return False
+    return True
+
+
+def _relu_of(b, y: str, analysis: LRPAnalysis) -> str:
+    """relu(y): the graph's own Relu of y where there is one (already computed by the forward), else a new one."""
+    for n in analysis.nodes.values():
+        if n.op_type == "Relu" and n.input[0] == y:
+            return n.output[0]
+    return b.add("Relu", [y])
+
+
+def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis, support: set = frozenset()):
+    def emit(b, node, gy, want):
+        R = gy[0]
+        out = [None] * len(node.input)
+        if R is None or not want[0]:
+            return out
+        lin = _Linear(b, node, layer, analysis)
+        x = node.input[0]
+        nonneg = x in analysis.nonneg
+        y = layer.out
+        inputs: dict = {}
+        fwd: dict = {}
+        contributions: dict = {}  # (input kind, weight kind) -> list of scaled s
+        for group in rule.groups:
+            # z >= 0 by construction (z+, flat, w^2...): sign0(z) = +1, so the stabiliser is a plain + eps, folded
+            # into the bias of the group's first forward term
+            nonneg_z = (bool(rule.eps) and not rule.reuses_forward
+                        and _group_nonneg(group, nonneg, lin.bias is not None))
+            folded = False
+            if rule.reuses_forward:
+                z = y
+            else:
+                parts = []
+                for t in group.terms:
+                    inp = _input_tensor(b, t.input, x, rule, nonneg, inputs)
+                    if inp is None:
+                        continue
+                    shift = rule.eps if nonneg_z and not parts and t.sign > 0 else 0.0
+                    folded = folded or bool(shift)
+                    key = (t.input, t.weight, t.bias, shift)
+                    if key not in fwd:
+                        fwd[key] = lin.forward(inp, lin.weight(t.weight, rule.gamma), lin.biasv(t.bias, rule.gamma),
+                                               shift)
+                    parts.append(fwd[key] if t.sign > 0 else b.add("Neg", [fwd[key]]))
+                if not parts:
+                    continue
+                z = parts[0] if len(parts) == 1 else b.add("Sum", parts)
+            r = R
+            if group.mask:
+                cond = b.add("Greater" if group.mask == "pos" else "Less", [y, b.const(0.0)])
+                r = b.add("Where", [cond, R, b.const(0.0)])
+            positive = (_relu_of(b, y, analysis) if rule.reuses_forward and y in support and y not in analysis.nonneg
+                        else None)
+            s = b.add("Div", [r, z]) if folded else _stab_div(b, r, z, rule.eps, nonneg=nonneg_z, positive=positive)
+            for t in group.terms:
+                if _input_tensor(b, t.input, x, rule, nonneg, inputs) is None:
+                    continue
+                contributions.setdefault((t.input, t.weight), []).append((group.coef * t.sign, s))
+        per_input: dict = {}
+        for (ikind, wkind), ss in contributions.items():
+            w = lin.weight(wkind, rule.gamma)
+            if len(ss) == 1:  # a lone coefficient rides on the transposed weight
+                factor, s_sum = ss[0]
+                if factor != 1.0:
+                    w, wkind = w * factor, f"{factor:g}*{wkind}"
+            else:
+                s_sum = b.add("Sum", [st if f == 1.0 else b.add("Mul", [st, b.const(f)]) for f, st in ss])
+            per_input.setdefault(ikind, []).append(lin.transpose(s_sum, w, wkind))
+        terms = []
+        for ikind, gs in per_input.items():
+            gsum = gs[0] if len(gs) == 1 else b.add("Sum", gs)
+            inp = inputs[ikind]
+            terms.append(gsum if ikind == "ones" else b.add("Mul", [inp, gsum]))
+        if not terms:
+            out[0] = b.zeros_like(x)
+        else:
+            out[0] = terms[0] if len(terms) == 1 else b.add("Sum", terms)
+        return out
+    return emit
+
+
+def _compile_pass(b, node, gy, want):
+    return [gy[0]] + [None] * (len(node.input) - 1)
+
+
+def _compile_norm(rule: LRPRule, analysis: LRPAnalysis, support: set = frozenset()):
+    def emit(b, node, gy, want):
+        R, y, op = gy[0], node.output[0], node.op_type
+        nonneg = y in analysis.nonneg
+        positive = _relu_of(b, y, analysis) if y in support and not nonneg and rule.eps else None
+        s = _stab_div(b, R, y, rule.eps, nonneg=nonneg, positive=positive)
+        if op in ("Add", "Sum", "Sub"):
+            out = []
+            for i, (x, w) in enumerate(zip(node.input, want)):
+                if not w:
+                    out.append(None)
+                    continue
+                contrib = b.add("Mul", [x, s])
+                if op == "Sub" and i == 1:
+                    contrib = b.add("Neg", [contrib])
+                out.append(b.unbroadcast(contrib, x, y))
+            return out
+        g = vjp_rules.PLAIN[op](b, node, [s], want)
+        return [b.add("Mul", [node.input[0], g[0]])] + list(g[1:])
+    return emit
+
+
+def _compile_proportional(rule: LRPRule):
+    def emit(b, node, gy, want):
+        a = attrs(node)
+        if a.get("ceil_mode", 0):
+            raise GraphPassError(f"{node.name} (MaxPool): proportional rule does not support ceil_mode")
+        kernel = list(a["kernel_shape"])
+        x = node.input[0]
+        xs, ys, strides, dil, begins, ends = vjp_rules._spatial(b, node, x, node.output[0], kernel)
+        c = b.static_shape(x, "proportional pooling")[1]
+        ones = b.const(np.ones([c, 1] + kernel, np.float32))
+        z = b.add("Conv", [x, ones], strides=strides, dilations=dil, pads=list(begins) + list(ends),
+                  group=c, kernel_shape=kernel)
+        s = _stab_div(b, gy[0], z, rule.eps)
+        pads, out_pad = vjp_rules._transpose_geometry(xs, ys, kernel, strides, dil, begins, ends)
+        g = b.add("ConvTranspose", [s, ones], strides=strides, dilations=dil, pads=pads, output_padding=out_pad,
+                  group=c, kernel_shape=kernel)
+        return [b.add("Mul", [x, g])] + [None] * (len(node.output) - 1 + len(node.input) - 1)
+    return emit
+
+
+def _compile_gate(signal: int):
+    def emit(b, node, gy, want):
+        out = [None] * len(node.input)
+        if signal >= 0 and want[signal]:
+            out[signal] = b.unbroadcast(gy[0], node.input[signal], node.output[0])
+        return out
+    return emit
+
+
+PASS_OPS = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "PRelu",
+            "Softplus", "Gelu", "Identity", "Dropout", "BatchNormalization", "Div", "Cast", "Neg"}
+NORM_OPS = {"Add", "Sum", "Sub", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum"}
+STRUCTURAL_OPS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Pad", "MaxPool",
+                  "Identity", "Dropout", "Cast"}
+
+
+def base_rule(node: onnx.NodeProto, analysis: LRPAnalysis, stabilizer: float = 1e-6) -> LRPRule | None:
+    """The default for non-linear nodes (zennit's layer_map_base): activations and kept BatchNorm pass,
+    residual Add and average pools Norm, MaxPool winner-take-all, shape ops route; None = no rule."""
+    op = node.op_type
+    if node.name in analysis.tail_of:
+        return Pass()
+    if op == "MaxPool":
+        return WinnerTakeAll()
+    if op in STRUCTURAL_OPS:
+        return Gradient()
+    if op == "Mul":
+        return Gate() if node.name in analysis.gates else None
+    if op == "Div":
+        return Pass() if len(node.input) > 1 and node.input[1] not in analysis.activations else None
+    if op in NORM_OPS:
+        return Norm(stabilizer)
+    if op in PASS_OPS:
+        return Pass()
+    return None
+
+
+def check_rule(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> None:
+    op = node.op_type
+    ok = {
+        "linear": node.name in analysis.linear,
+        "pass": op in PASS_OPS or node.name in analysis.tail_of,
+        "norm": op in NORM_OPS or (op == "BatchNormalization" and node.name not in analysis.tail_of),
+        "gradient": op in _gradient_ops(),
+        "proportional": op == "MaxPool",
+        "gate": op == "Mul" and node.name in analysis.gates,
+    }[rule.kind]
+    if not ok:
+        raise GraphPassError(f"rule {rule.name!r} cannot apply to node {node.name} ({op})")
+
+
+def _gradient_ops():
+    return set(vjp_rules.PLAIN)
+
+
+def compile_rules(rules: Mapping[str, LRPRule], analysis: LRPAnalysis, start: str | None = None) -> dict:
+    """node name -> append_vjp rule function; `start` is the tensor the initial relevance is seeded at."""
+    support = positive_support(rules, analysis, start)
+    out = {}
+    for name, rule in rules.items():
+        node = analysis.nodes[name]
+        check_rule(rule, node, analysis)
+        if rule.kind == "linear":
+            out[name] = _compile_linear(rule, analysis.linear[name], analysis, support)
+        elif rule.kind == "pass":
+            out[name] = _compile_pass
+        elif rule.kind == "norm":
+            out[name] = _compile_norm(rule, analysis, support)
+        elif rule.kind == "gradient":
+            out[name] = vjp_rules.PLAIN[node.op_type]
+        elif rule.kind == "proportional":
+            out[name] = _compile_proportional(rule)
+        elif rule.kind == "gate":
+            out[name] = _compile_gate(analysis.gates[name])
+    return out
+
+
+def append_lrp(model: onnx.ModelProto, output: str, at: list[str], *, seed: str | None,
+               rules: Mapping[str, LRPRule], analysis: LRPAnalysis | None = None, prefix: str = "lrp/",
+               record: list | None = None) -> onnx.ModelProto:
+    """Append relevance propagation from `output` (initial relevance `seed`) to the tensors `at`.
+
+    `rules` maps node names to LRPRules (see onnx_saliency.lrp composites). Outputs are
+    ``grad_name(t)`` for t in `at`. Nodes on the path without a rule raise UnsupportedOpsError (one line, all
+    nodes) before anything is emitted. With `record` (a list), every node's relevance in and out is also
+    exposed as outputs and (node, output names, input names) tuples appended to it (per-layer conservation).
+    """
+    analysis = analysis or analyze(model)
+    compiled = compile_rules(rules, analysis, start=output)
+    if record is not None:
+        compiled = {k: _recording(k, f, record) for k, f in compiled.items()}
+    shaped: dict = {}  # relevance tensor -> the forward tensor it has the shape of
+    compiled = {k: _shape_noting(f, shaped) for k, f in compiled.items()}
+    m = append_vjp(model, output, list(at), seed=seed, rules={}, node_rules=compiled, prefix=prefix)
+    _annotate_shapes(m, shaped)
+    if record is not None:
+        from onnx import helper
+
+        names = {o.name for o in m.graph.output}
+        for _, outs, ins in record:
+            for t in outs + ins:
+                if t not in names:
+                    m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+                    names.add(t)
+    return m
+
+
+def _shape_noting(fn, shaped: dict):
+    def emit(b, node, gy, want):
+        res = fn(b, node, gy, want)
+        for r, x, w in zip(res, node.input, want):
+            if r is not None and w:
+                shaped.setdefault(r, x)
+        return res
+    return emit
+
+
+def _annotate_shapes(m: onnx.ModelProto, shaped: dict) -> None:
+    """Declare each node's relevance tensor with its forward tensor's type and shape.
+
+    Shape inference loses the shape behind ops whose output shape is data (Reshape / Expand to Shape(x) in the
+    pooling and flatten backward rules), and with it every relevance tensor further down. onnxruntime's NCHWc
+    layout pass then cannot prove that x and the relevance have one shape and reorders both around each
+    R_in = x * (W^T s) (about a fifth of the relevance graph's time on ResNet-50); the declared shape keeps them
+    in the blocked layout. Only metadata: a relevance tensor always has the shape of its forward tensor."""
+    g = m.graph
+    known = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    taken = set(known)
+    for r, x in shaped.items():
+        vi = known.get(x)
+        if (r in taken or vi is None or not vi.type.tensor_type.HasField("shape")
+                or vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT):
+            continue
+        new = g.value_info.add()
+        new.CopyFrom(vi)
+        new.name = r
+        taken.add(r)
+
+
+def _recording(name, fn, record):
+    def emit(b, node, gy, want):
+        res = fn(b, node, gy, want)
+        outs = [b.add("Identity", [g]) for g in gy if g is not None]
+        ins = [b.add("Identity", [r]) for r, w in zip(res, want) if r is not None and w]
+        record.append((name, outs, ins))
+        return res
+    return emit

@@ -1,0 +1,181 @@
+"""The engine: one cached onnxruntime session per rewritten graph, batched runs, numpy in and out.
+
+A *graph key* names a rewrite of the canonical model (which tensors are exposed, which gradients are
+appended and with which backward rules); building it and creating its session happens once per Explainer.
+
+Memory: every run is split into batches that fit ``memory_budget`` bytes (default 2 GiB), estimated from
+the activation shapes of one image (shape inference at the real input size; see FORWARD_SHARE); the
+caller's batch size is an upper bound.
+
+Numerics: a NaN/Inf in any output is traced, on that failure path only, to the first node that produces
+it, by re-running the failing image with every intermediate tensor exposed.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import onnx
+
+import graph_passes as gp
+
+from ..errors import SaliencyError
+from ..intake.model import LoadedModel, release_freed_memory
+from .memory import DEFAULT_MEMORY_BUDGET, FORWARD_SHARE, activation_bytes
+from .numerics import check_finite, first_nonfinite_node
+from .providers import import_onnxruntime, providers_for
+
+RULE_SETS = {"plain": None, "guided": gp.vjp.GUIDED}
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, provider: str = "cpu", threads: int | None = None):
+        self.model = model
+        self.provider = provider
+        self._providers = providers_for(provider)
+        self.threads = threads
+        self._sessions: dict[tuple, tuple] = {}
+        self._lock = threading.Lock()
+        self.calls = 0  # session.run calls, for batching checks
+        self.memory_budget = DEFAULT_MEMORY_BUDGET
+        self.batch_limits: dict[tuple, tuple[int, int]] = {}  # (asked, backward) -> (fitted, bytes per image)
+        self._per_image: dict[tuple, int] = {}
+
+    # --- sessions -------------------------------------------------------------------------------------
+    def session(self, key: tuple, build: Callable[[onnx.ModelProto], onnx.ModelProto]):
+        """The cached (session, output names, rebuild) for the graph `build(canonical)` identified by `key`.
+
+        The rewritten graph is not kept: onnxruntime holds its own copy of the weights, and the proto (the
+        model's weights two or three times over for LRP) would double the resident memory. `rebuild()` makes it
+        again where a diagnosis needs it (the NaN locator)."""
+        with self._lock:
+            if key not in self._sessions:
+                ort = import_onnxruntime()
+                data = build(self.model.canonical).SerializeToString()
+                opts = ort.SessionOptions()
+                if self.threads:
+                    opts.intra_op_num_threads = self.threads
+                    opts.inter_op_num_threads = 1
+                opts.log_severity_level = 3
+                sess = ort.InferenceSession(data, opts, providers=self._providers)
+                del data
+                release_freed_memory()
+                rebuild = functools.partial(build, self.model.canonical)
+                self._sessions[key] = (sess, [o.name for o in sess.get_outputs()], rebuild)
+            return self._sessions[key]
+
+    def active_provider(self) -> str:
+        """The provider the sessions really use (onnxruntime-gpu silently falls back to CPU)."""
+        if not self._sessions:
+            self.forward(np.zeros((1, self.model.channels, *self._hw()), np.float32))
+        sess = next(iter(self._sessions.values()))[0]
+        return sess.get_providers()[0]
+
+    def _hw(self):
+        h, w = self.model.input_hw
+        return (h or 224, w or 224)
+
+    def graph(self, expose: Iterable[str] = (), wrt: Iterable[str] = (), rules: str = "plain",
+              seed: str = "targets") -> tuple:
+        """Key + builder for: scores, target seed (in-graph), exposed tensors, gradients w.r.t. `wrt`.
+
+        `seed` is "targets" (one-hot of the per-image target, resolved in-graph, -1 = top-1) or "free"
+        (the caller feeds the seed tensor itself, e.g. for contrastive or soft targets).
+        """
+        expose, wrt = tuple(expose), tuple(wrt)
+        score = self.model.score_tensor
+        key = ("vjp", expose, wrt, rules, seed)
+
+        def build(canonical):
+            m = gp.expose_tensors(canonical, sorted(set(expose) | {score}))
+            if seed == "targets":
+                m = gp.append_target_seed(m, score)
+            if wrt:
+                m = gp.append_vjp(m, score, list(wrt), seed=gp.SEED if seed == "targets" else None,
+                                  rules=RULE_SETS[rules])
+            return m
+
+        return key, build
+
+    # --- running --------------------------------------------------------------------------------------
+    def run(self, x: np.ndarray, targets=None, *, expose=(), wrt=(), rules="plain", seed=None,
+            batch_size: int = 32, outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the rewritten graph over `x` (N, C, H, W) in batches; returns arrays keyed by tensor name.
+
+        Keys: the score tensor, exposed tensors, ``grad_name(t)`` for t in `wrt`, and, with targets,
+        ``target_class`` and ``target_score``.
+        """
+        key, build = self.graph(expose, wrt, rules, "free" if seed is not None else "targets")
+        sess, names, _ = self.session(key, build)
+        wanted = list(outputs) if outputs is not None else [n for n in names if n != self.model.output_name
+                                                            or n == self.model.score_tensor]
+        return self.run_session(sess, wanted, x, targets, seed=seed, batch_size=batch_size,
+                                where=self.model.path.name)
+
+    def run_session(self, sess, wanted: list[str], x: np.ndarray, targets=None, *, seed=None,
+                    batch_size: int = 32, where: str = "", backward: bool = True) -> dict[str, np.ndarray]:
+        """Feed `x` (and targets, or a free seed) to a cached session in batches that fit the memory budget;
+        concatenate the `wanted` outputs, count the calls, and stop on NaN/Inf naming the node it starts at."""
+        n = len(x)
+        targets = np.full(n, -1, np.int64) if targets is None else np.asarray(targets, np.int64)
+        batch_size = self.fit_batch(batch_size, x.shape[2:], backward=backward)
+        results: dict[str, list] = {k: [] for k in wanted}
+        for start in range(0, n, max(1, batch_size)):
+            sl = slice(start, start + batch_size)
+            feeds = {self.model.input_name: np.ascontiguousarray(x[sl], dtype=np.float32)}
+            if seed is not None:
+                feeds[self.model.score_tensor + "__seed"] = np.ascontiguousarray(seed[sl], dtype=np.float32)
+            else:
+                feeds[gp.TARGETS_INPUT] = targets[sl]
+            try:
+                values = sess.run(wanted, feeds)
+            except Exception as err:
+                raise SaliencyError(f"onnxruntime failed on {self.model.path.name}: {str(err).splitlines()[0]}") from err
+            self.calls += 1
+            for k, v in zip(wanted, values):
+                results[k].append(v)
+        out = {k: np.concatenate(v) if v and v[0].ndim else np.asarray(v) for k, v in results.items()}
+        check_finite(out, where or self.model.path.name, self.nonfinite_locator(sess, x, targets, seed))
+        return out
+
+    def forward(self, x: np.ndarray, batch_size: int = 32, targets=None) -> dict[str, np.ndarray]:
+        return self.run(x, targets, batch_size=batch_size)
+
+    # --- memory ---------------------------------------------------------------------------------------
+    def bytes_per_image(self, hw, backward: bool = True) -> int:
+        """Estimated session memory per image at input size `hw` (see FORWARD_SHARE)."""
+        hw = tuple(int(d) for d in hw)
+        if hw not in self._per_image:
+            self._per_image[hw] = activation_bytes(self.model, hw)
+        return self._per_image[hw] if backward else max(1, self._per_image[hw] // FORWARD_SHARE)
+
+    def fit_batch(self, batch_size: int, hw=None, backward: bool = True) -> int:
+        """`batch_size`, reduced so one session call stays within `memory_budget` (never below 1)."""
+        batch_size = max(1, int(batch_size))
+        per_image = self.bytes_per_image(hw or self._hw(), backward)
+        fitted = max(1, min(batch_size, self.memory_budget // max(per_image, 1)))
+        if fitted < batch_size:
+            self.batch_limits[(batch_size, backward)] = (fitted, per_image)
+        return fitted
+
+    # --- numerical guard --------------------------------------------------------------------------------
+    def nonfinite_locator(self, sess, x: np.ndarray, targets=None, seed=None):
+        """A callback for :func:`check_finite`: where NaN/Inf first appears in `sess`'s graph for `x`."""
+
+        def locate(name: str, array: np.ndarray) -> str | None:
+            rebuild = next((g for s, _, g in self._sessions.values() if s is sess), None)
+            if rebuild is None or array.ndim == 0 or len(array) != len(x):
+                return None
+            i = int(np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))[0])
+            feeds = {self.model.input_name: np.ascontiguousarray(x[i:i + 1], np.float32)}
+            if seed is not None:
+                feeds[self.model.score_tensor + "__seed"] = np.ascontiguousarray(seed[i:i + 1], np.float32)
+            else:
+                t = np.full(len(x), -1, np.int64) if targets is None else np.asarray(targets, np.int64)
+                feeds[gp.TARGETS_INPUT] = t[i:i + 1]
+            return first_nonfinite_node(rebuild(), feeds, self._providers)
+
+        return locate

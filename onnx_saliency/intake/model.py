@@ -1,0 +1,341 @@
+"""Model intake: load, validate, canonicalise, and find the image input and the class-score tensor."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, numpy_helper
+
+import graph_passes as gp
+from graph_passes._graph import graph_inputs, producers, skeleton, tensor_infos
+
+from ..errors import SaliencyError, UnsupportedModelError
+from .preprocess import Preprocessing, labels_from_metadata
+
+MAX_MODEL_BYTES = 2 ** 31 - 1  # protobuf's own limit: larger models must keep weights as external data
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    sha256: str
+    original: onnx.ModelProto
+    canonical: onnx.ModelProto
+    report: gp.CanonicalizeReport
+    input_name: str            # the (canonical, NCHW) image input
+    layout: str                # the layout the *original* model takes: NCHW or NHWC
+    input_hw: tuple            # (H, W), None where dynamic
+    channels: int
+    output_name: str           # the graph output the user sees
+    score_tensor: str          # the pre-softmax scores we explain
+    num_classes: int
+    metadata: dict = field(default_factory=dict)
+    labels: list | None = None
+
+    def label(self, index: int) -> str:
+        if self.labels and 0 <= index < len(self.labels):
+            return str(self.labels[index])
+        return str(index)
+
+    @property
+    def known(self) -> dict | None:
+        """The manifest entry of a model we ship or test with, recognised by its sha256."""
+        from ..models import lookup
+
+        return lookup(self.sha256)
+
+    def preprocessing(self) -> Preprocessing:
+        """Defaults: the model's metadata keys, else its manifest entry, else torchvision at the input size.
+
+        Always NCHW: canonicalisation absorbed any NHWC input transpose, so the engine feeds NCHW."""
+        if any(k.startswith("onnx_saliency.") for k in self.metadata) or self.known is None:
+            return Preprocessing.from_metadata(self.metadata, layout="NCHW", input_hw=self.input_hw)
+        k = self.known
+        return Preprocessing(preset=k["preset"], resize=k.get("resize"), crop=k.get("crop"),
+                             resize_mode=k.get("resize_mode", "shorter"), layout="NCHW")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Leading bytes of files people mistake for ONNX models, so the error says what the file is.
+_FOREIGN_FORMATS = (
+    (b"PK\x03\x04", "a zip archive: a PyTorch .pt/.pth, Keras .keras or NumPy .npz file?"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file: a Keras .h5 model?"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"GGUF", "a GGUF file"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
+
+
+def _foreign_format(head: bytes) -> str | None:
+    """What a file that is certainly not a ModelProto is, from its first bytes; None when it may be ONNX."""
+    if not head:
+        return "an empty file"
+    for magic, what in _FOREIGN_FORMATS:
+        if head.startswith(magic):
+            return what
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle: a PyTorch checkpoint?"
+    if head[4:8] == b"TFL3":
+        return "a TensorFlow Lite model"
+    if len(head) >= 10 and head[8:10] == b'{"':
+        return "a safetensors file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    # A ModelProto starts with field 1 (ir_version, tag 0x08) and holds binary lengths: plain text is not one.
+    if "\x00" not in text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return "a text file"
+    return None
+
+
+def _location_escapes(location: str) -> bool:
+    """True for absolute paths and '..' components, judged on the string alone (nothing is touched)."""
+    parts = location.replace("\\", "/").split("/")
+    drive = len(location) > 1 and location[1] == ":"  # C:\... written on Windows
+    return os.path.isabs(location) or location.startswith(("/", "\\")) or drive or ".." in parts
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the raw data of `tensor` must have; None for types without a fixed size (strings)."""
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        return None
+    if dtype.kind in "OSU":
+        return None
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    return (count * bits + 7) // 8 if bits else count * dtype.itemsize
+
+
+def _external_entry(tensor: onnx.TensorProto, key: str) -> str | None:
+    return next((e.value for e in tensor.external_data if e.key == key), None)
+
+
+def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> int:
+    """External tensors may only live inside the model's own folder; returns their total size in bytes.
+
+    Absolute paths and '..' are refused from the string alone, symlinks by resolving the path: nothing
+    outside the folder is ever opened, only stat'ed once its location is known to be inside it. Offsets
+    and lengths are checked against the file size and the tensor's shape, before any data is read.
+    """
+    root = folder.resolve()
+    total = 0
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        name = tensor.name
+        location = _external_entry(tensor, "location")
+        if not location:
+            raise SaliencyError(f"{path}: external data of tensor {name!r} has no location")
+        outside = SaliencyError(f"{path}: external data of tensor {name!r} points outside the model folder "
+                                f"({location!r}); refusing to read it")
+        if "\x00" in location or _location_escapes(location):
+            raise outside
+        target = (folder / location).resolve()
+        if not target.is_relative_to(root):  # a symlink (of the file or a folder on the way) leading out
+            raise outside
+        if not target.is_file():
+            raise SaliencyError(f"{path}: external data file {location!r} of tensor {name!r} is missing")
+        try:
+            offset = int(_external_entry(tensor, "offset") or 0)
+            length = _external_entry(tensor, "length")
+            size = target.stat().st_size
+            length = size - offset if length is None else int(length)
+        except ValueError:
+            raise SaliencyError(f"{path}: external data of tensor {name!r} has a non-integer offset or "
+                                "length") from None
+        if offset < 0 or length < 0 or offset + length > size:
+            raise SaliencyError(f"{path}: external data of tensor {name!r} needs bytes {offset}..{offset + length} "
+                                f"of {location!r}, which has {size} bytes")
+        expected = _tensor_nbytes(tensor)
+        if expected is not None and expected != length:
+            raise SaliencyError(f"{path}: external data of tensor {name!r} has {length} bytes in {location!r}; "
+                                f"its shape {list(tensor.dims)} needs {expected}")
+        total += length
+    return total
+
+
+def _check_weights(model: onnx.ModelProto, path: Path) -> None:
+    """Every weight's data must fill its declared shape (the checker does not look); NaN weights poison every
+    map and are refused, Inf is allowed (exporters pad max-pools with -inf)."""
+    for tensor in external_data_helper._get_all_tensors(model):
+        try:
+            values = numpy_helper.to_array(tensor)
+        except Exception as err:  # ValueError from reshape, TypeError/KeyError for unknown data types...
+            raise SaliencyError(f"{path}: weight {tensor.name!r} does not hold data of its declared shape "
+                                f"{list(tensor.dims)} and type ({type(err).__name__}: {err})") from None
+        if values.dtype.kind == "f" and np.isnan(values).any():
+            raise SaliencyError(f"{path}: weight {tensor.name!r} contains NaN ({int(np.isnan(values).sum())} of "
+                                f"{values.size} values)")
+
+
+def _non_utf8_string(message) -> str | None:
+    """The first string field whose bytes are not UTF-8 (protobuf then hands out bytes, not str), as text."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    for field_desc, value in message.ListFields():
+        repeated = field_desc.is_repeated if hasattr(field_desc, "is_repeated") else field_desc.label == 3
+        if field_desc.type == F.TYPE_MESSAGE:
+            for item in value if repeated else [value]:
+                found = _non_utf8_string(item)
+                if found:
+                    return found
+        elif field_desc.type == F.TYPE_STRING:
+            bad = next((v for v in (value if repeated else [value]) if isinstance(v, bytes)), None)
+            if bad is not None:
+                return f"{message.DESCRIPTOR.name}.{field_desc.name} {bad[:40]!r}"
+    return None
+
+
+def read_model(path) -> onnx.ModelProto:
+    """Parse and check an ONNX file (never writing to it); external data is read from its folder only."""
+    path = Path(path)
+    if not path.is_file():
+        raise SaliencyError(f"{path}: no such model file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as err:
+        raise SaliencyError(f"{path}: cannot read ({err.strerror or err})") from None
+    foreign = _foreign_format(head)
+    if foreign:
+        raise SaliencyError(f"{path}: not a readable ONNX model ({foreign})")
+    if size > MAX_MODEL_BYTES:
+        raise SaliencyError(f"{path}: {size} bytes, over protobuf's 2 GiB limit; models this large must keep "
+                            "their weights as external data")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except OSError as err:
+        raise SaliencyError(f"{path}: cannot read ({err.strerror or err})") from None
+    except Exception as err:  # protobuf's DecodeError and friends, whatever the runtime raises
+        raise SaliencyError(f"{path}: not a readable ONNX model ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else 'parse error'})") from None
+    if not model.graph.node:
+        raise SaliencyError(f"{path}: not an ONNX model (no graph nodes)")
+    text = _non_utf8_string(model)
+    if text:
+        raise SaliencyError(f"{path}: not a readable ONNX model (a name or string that is not UTF-8: {text})")
+    external = _check_external_data(model, path.parent, path)
+    if external:
+        if size + external > MAX_MODEL_BYTES:
+            raise SaliencyError(f"{path}: {size + external} bytes with its external data; models over 2 GiB are "
+                                "not supported (the ONNX checker and shape inference need the whole graph in one "
+                                "protobuf, which is limited to 2 GiB)")
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except Exception as err:  # onnx re-checks paths and bounds itself; its message names the tensor
+            raise SaliencyError(f"{path}: cannot read external data ({str(err).splitlines()[0]})") from None
+    try:
+        # the structure is checked on the weight-free skeleton (fast on big models); _check_weights then
+        # checks every weight's data against its declared shape, which the checker would have done
+        onnx.checker.check_model(skeleton(model))
+    except Exception as err:
+        raise SaliencyError(f"{path}: invalid ONNX model: {str(err) or type(err).__name__}") from err  # one line
+    _check_weights(model, path)
+    return model
+
+
+def _find_image_input(model: onnx.ModelProto, path: Path):
+    candidates = []
+    for vi in graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and len(dims) == 4:
+            candidates.append(vi)
+    if len(candidates) != 1:
+        names = [vi.name for vi in graph_inputs(model)]
+        raise SaliencyError(f"{path}: expected exactly one 4-D float image input, found inputs {names}")
+    return candidates[0]
+
+
+def _score_tensor(model: onnx.ModelProto, path: Path) -> tuple[str, str, int]:
+    outputs = [o for o in model.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    if not outputs:
+        raise SaliencyError(f"{path}: the model has no float output to explain")
+    out = outputs[0]
+    prod = producers(model.graph)
+    score = out.name
+    node = prod.get(score)
+    # explain what the classifier computes before normalising into probabilities
+    while node is not None and node.op_type in ("Softmax", "LogSoftmax", "Identity"):
+        score = node.input[0]
+        node = prod.get(score)
+    info = tensor_infos(model).get(score)
+    if info is None or info.shape is None or len(info.shape) != 2 or info.shape[1] is None:
+        shape = None if info is None else info.shape
+        raise SaliencyError(f"{path}: class scores {score!r} must have shape (N, classes), got {shape}")
+    return out.name, score, int(info.shape[1])
+
+
+def unsupported_nodes(model: onnx.ModelProto, output: str, rules=None) -> list[tuple[str, str]]:
+    """Nodes between the image input and the scores that no backward rule covers."""
+    ops = gp.supported_ops(rules)
+    needed = gp._graph.ancestors(model.graph, [output])
+    return [(n.name, n.op_type) for n in model.graph.node
+            if n.op_type not in ops and any(o in needed for o in n.output)]
+
+
+def release_freed_memory() -> None:
+    """Return the heap freed by a graph rewrite to the OS. The graph-surgeon passes leave reference cycles
+    (collected here at once, not at some later GC run) and glibc keeps freed pages: without this a 500 MB
+    model's transient copies stay resident for the life of the process. The trim is a no-op off glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def load_model(path, fuse_affine: bool = False) -> LoadedModel:
+    """fuse_affine: also fold bias Adds, MatMul heads and per-channel scale/shift into their layers (audits)."""
+    path = Path(path)
+    original = read_model(path)
+    image = _find_image_input(original, path)
+    dims = image.type.tensor_type.shape.dim
+    try:
+        canonical, report = gp.canonicalize(original, fuse_affine=fuse_affine, return_report=True)
+    except gp.GraphPassError as err:
+        raise SaliencyError(f"{path}: {err}") from err
+    release_freed_memory()
+    output_name, score, classes = _score_tensor(canonical, path)
+    missing = unsupported_nodes(canonical, score)
+    if missing:
+        listed = ", ".join(f"{name} ({op})" for name, op in missing)
+        raise UnsupportedModelError(f"{path}: unsupported op(s) in {len(missing)} node(s): {listed}")
+    layout = "NHWC" if report.absorbed_transpose else _guess_layout(dims)
+    if layout == "NHWC" and not report.absorbed_transpose:
+        raise UnsupportedModelError(f"{path}: NHWC input {image.name!r} is not followed by a single "
+                                    "Transpose(perm=[0,3,1,2]); cannot map it to NCHW")
+    cdims = _find_image_input(canonical, path).type.tensor_type.shape.dim
+    static = [d.dim_value if d.HasField("dim_value") else None for d in cdims]
+    metadata = {p.key: p.value for p in original.metadata_props}
+    return LoadedModel(path=path, sha256=sha256_of(path), original=original, canonical=canonical, report=report,
+                       input_name=image.name, layout=layout, input_hw=(static[2], static[3]),
+                       channels=static[1] or 3, output_name=output_name, score_tensor=score, num_classes=classes,
+                       metadata=metadata, labels=labels_from_metadata(metadata))
+
+
+def _guess_layout(dims) -> str:
+    values = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if values[1] in (1, 3) or values[3] not in (1, 3):
+        return "NCHW"
+    return "NHWC"

@@ -1,0 +1,116 @@
+"""Writing results: per image and method an overlay PNG, the map as .npy and a JSON sidecar.
+
+Layout: ``OUT/<image stem>/<method>.{png,npy,json}``. Each file is written atomically (``writers``), so a
+killed run leaves whole files or none; :func:`outputs_complete` is what ``explain --resume`` trusts.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from .postprocess import colorize, colorize_signed, minmax, overlay
+from .writers import write_json, write_npy, write_png
+
+OUTPUT_SUFFIXES = (".npy", ".png", ".json")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"onnx-saliency": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def picture(display: np.ndarray | None, saliency: np.ndarray, signed: bool) -> np.ndarray:
+    """Overlay for unsigned maps; a diverging map (blended with the photo) for signed ones."""
+    if signed:
+        heat = colorize_signed(saliency)
+    else:
+        heat = colorize(minmax(saliency[None])[0])
+    if display is None:
+        return heat
+    return overlay(display, heat, alpha=0.5)
+
+
+def sidecar(explainer, result, index: int, image: Path, options: dict) -> dict:
+    m = explainer.model
+    target = int(result.targets[index])
+    flat = result.maps[index]
+    return {
+        "image": str(image),
+        "model": str(m.path), "model_sha256": m.sha256,
+        "method": result.method, "layers": result.layers,
+        "target": {"class": target, "label": m.label(target), "score": float(result.scores[index])},
+        "map": {"shape": list(flat.shape), "min": float(flat.min()), "max": float(flat.max()),
+                "signed": bool(result.signed), "constant": bool(np.ptp(flat) == 0),
+                "all_zero": bool(not flat.any())},
+        "preprocessing": vars(explainer.preprocessing) if hasattr(explainer.preprocessing, "__dict__") else str(
+            explainer.preprocessing),
+        "options": {k: v for k, v in {**options, **result.options}.items() if not isinstance(v, np.ndarray)},
+        "notes": result.notes,
+        "versions": versions(),
+        "execution_provider": explainer.engine.active_provider(),
+    }
+
+
+def write_outputs(explainer, result, images: list[Path], out: Path, options: dict) -> None:
+    for i, image in enumerate(images):
+        write_image_outputs(explainer, result, i, image, out, options)
+
+
+def output_paths(out: Path, image: Path, method: str) -> list[Path]:
+    return [out / image.stem / f"{method}{suffix}" for suffix in OUTPUT_SUFFIXES]
+
+
+def write_image_outputs(explainer, result, i: int, image: Path, out: Path, options: dict) -> None:
+    """The map, picture and sidecar of image `i` of `result`; the JSON goes last, so it marks completion."""
+    display = getattr(result, "display", None)
+    npy, png, sidecar_path = output_paths(out, image, result.method)
+    for stale in npy.parent.glob(".*.tmp") if npy.parent.is_dir() else ():
+        if stale.name.startswith(tuple("." + p.name for p in (npy, png, sidecar_path))):
+            stale.unlink(missing_ok=True)  # left by a run killed between writing and renaming
+    write_npy(npy, result.maps[i].astype(np.float32))
+    write_png(png, picture(None if display is None else display[i], result.maps[i], result.signed))
+    write_json(sidecar_path, sidecar(explainer, result, i, image, options))
+
+
+def outputs_complete(out: Path, image: Path, method: str, model_sha256: str) -> bool:
+    """True when the three outputs of (image, method) exist, load, agree on the map shape, and the sidecar
+    names this method and model; options are not compared (changing them needs a fresh --out or no --resume).
+    """
+    npy, png, sidecar_path = output_paths(out, image, method)
+    try:
+        meta = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        saliency = np.load(npy, allow_pickle=False)
+        picture_hw = _png_size(png)
+    except (OSError, ValueError, EOFError):
+        return False
+    if not isinstance(meta, dict) or meta.get("method") != method or meta.get("model_sha256") != model_sha256:
+        return False
+    shape = meta.get("map", {}).get("shape") if isinstance(meta.get("map"), dict) else None
+    return (saliency.ndim == 2 and saliency.dtype == np.float32 and list(saliency.shape) == shape
+            and picture_hw == tuple(shape) and bool(np.isfinite(saliency).all()))
+
+
+def _png_size(path: Path) -> tuple[int, int] | None:
+    import cv2
+
+    from ..intake.preprocess import _decoder_messages_silenced
+
+    with _decoder_messages_silenced():  # libpng complains about a damaged file on stderr by itself
+        img = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)  # decodes it all: catches truncation
+    return None if img is None else img.shape[:2]
