@@ -37,18 +37,19 @@ def fail_cleanly(fn):
     return wrapper
 
 
-def split_model_and_images(args: tuple[str, ...]):
+def split_model_and_images(args: tuple[str, ...], more: bool = False):
+    """-> (model, images); `more`: images come from elsewhere too (URIs for --engine ray), so none here is fine."""
     from onnx_saliency.models import DEFAULT_MODEL_PATH, DEFAULT_SAMPLES_DIR
 
     if args and args[0].lower().endswith(".onnx"):
         model, rest = Path(args[0]), args[1:]
     else:
         model, rest = DEFAULT_MODEL_PATH, args
-    if not rest and model == DEFAULT_MODEL_PATH:
+    if not rest and model == DEFAULT_MODEL_PATH and not more:
         rest = (str(DEFAULT_SAMPLES_DIR),)
-    if not rest:
+    if not rest and not more:
         raise SaliencyError(f"no images given to explain with {model}")
-    return model, expand_images(rest)
+    return model, expand_images(rest) if rest else []
 
 
 def expand_images(items) -> list[Path]:

@@ -32,10 +32,25 @@ from .common import (explainer_from_options, fail_cleanly, mib, parse_bytes, par
               help="Split batches so one onnxruntime call stays under this estimate (e.g. 512MiB, 8GiB).")
 @click.option("--report", is_flag=True, help="Print what canonicalisation did, batch splits, peak memory and, for "
               "LRP, a conservation table.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process. ray: a Ray cluster (Ray Data actors; needs the [ray] extra).")
+@click.option("--address", default=None, help="[ray] Cluster to join: auto, HOST:PORT or ray://HOST:PORT "
+              "(default: start a local one).")
+@click.option("--actors", type=int, default=None, help="[ray] Actors, one session each (default: cluster CPUs / "
+              "--cpus-per-actor).")
+@click.option("--cpus-per-actor", type=float, default=None, help="[ray] CPUs per actor, also its onnxruntime "
+              "threads (default 1).")
+@click.option("--gpus-per-actor", type=float, default=None, help="[ray] GPUs per actor, fractions share a GPU "
+              "(with --provider cuda).")
+@click.option("--format", "fmt", type=click.Choice(["files", "parquet"]), default=None,
+              help="[ray] files: png/npy/json per image as the local engine (default); parquet: a sharded dataset.")
+@click.option("--shard-size", type=int, default=None, help="[ray] Images per shard: one actor call, one "
+              "Parquet file (default max(64, --batch-size)).")
 @with_model_options
 @fail_cleanly
 def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, composite, rule_map, resume,
-            max_pixels, memory_budget, report, **model_kw):
+            max_pixels, memory_budget, report, engine, address, actors, cpus_per_actor, gpus_per_actor, fmt,
+            shard_size, **model_kw):
     """Explain IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model).
 
     A bad image is reported on stderr (one line naming it) and skipped; the others are written. Exit
@@ -53,10 +68,16 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     if max_pixels is not None and max_pixels < 1:
         raise SaliencyError(f"--max-pixels {max_pixels}: must be at least 1")
     budget = parse_bytes(memory_budget, "--memory-budget")
+    scale = {"--address": address, "--actors": actors, "--cpus-per-actor": cpus_per_actor,
+             "--gpus-per-actor": gpus_per_actor, "--format": fmt, "--shard-size": shard_size}
+    if engine == "local" and any(v is not None for v in scale.values()):
+        raise SaliencyError(f"{next(k for k, v in scale.items() if v is not None)}: needs --engine ray")
+    uris = tuple(i for i in inputs if "://" in i) if engine == "ray" else ()  # read by the actors
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SaliencyError(f"--out {out}: exists and is not a folder")
-    model, images = split_model_and_images(inputs)
+    model, images = split_model_and_images(tuple(i for i in inputs if i not in uris), bool(uris))
+    images = images + list(uris)
     method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
     options = parse_options(option_pairs)
     if composite is not None:
@@ -80,6 +101,9 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
             for spec in layer_spec:
                 ex.resolve_layer(spec)
     targets = ex.targets(parse_target(target), len(images))
+    if engine == "ray":
+        return _explain_on_ray(ex, images, method_objs, layer_spec, targets, out, batch_size, options, max_pixels,
+                               resume, report, scale)
 
     total = len(images) * len(method_objs)
     hidden = total < 2 or not sys.stderr.isatty()  # in logs and CI a progress bar is noise
@@ -103,3 +127,38 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     resumed = f"; {len(outcome.resumed)} already complete (--resume)" if outcome.resumed else ""
     click.echo(f"wrote {len(outcome.written)} image(s) x {len(method_objs)} method(s) to {out}{resumed}")
     outcome.raise_for_failures(len(images))
+
+
+def _explain_on_ray(ex, images, method_objs, layer_spec, targets, out, batch_size, options, max_pixels, resume,
+                    report, scale):
+    """`--engine ray`: the same outputs, written by Ray Data actors (onnx_saliency.scale)."""
+    from onnx_saliency.intake.preprocess import MAX_PIXELS
+    from onnx_saliency.scale import explain_dataset
+
+    hidden = len(images) < 2 or not sys.stderr.isatty()
+    with click.progressbar(length=len(images), label="explaining", file=sys.stderr, hidden=hidden) as bar:
+        outcome = explain_dataset(
+            images, ex, [m.name for m in method_objs], layer=layer_spec if len(layer_spec) > 1 else layer_spec[0],
+            target=[int(t) for t in targets], out=out, fmt=scale["--format"] or "files", actors=scale["--actors"],
+            cpus_per_actor=scale["--cpus-per-actor"] or 1, gpus_per_actor=scale["--gpus-per-actor"] or 0,
+            batch_size=batch_size, shard_size=scale["--shard-size"], options=options,
+            provider=ex.engine.provider, max_pixels=max_pixels or MAX_PIXELS, resume=resume,
+            address=scale["--address"], on_failure=lambda line: click.echo(f"error: {line}", err=True),
+            on_progress=bar.update)
+    for image, method, value in outcome.constant:
+        click.echo(f"warning: {image}: the {method} map is constant ({value:g}); saved as is, not normalised")
+    if report:
+        for method, note in outcome.notes:
+            click.echo(f"{method}  {note}", err=True)
+        for shard in outcome.shards:
+            click.echo(f"shard  {shard['shard'] or '-'} pid {shard['pid']}: {shard['images']} image(s), decode "
+                       f"{shard['decode_s']:.3f} s, explain {shard['explain_s']:.3f} s, write {shard['write_s']:.3f} s, "
+                       f"actor peak resident {mib(shard['peak_rss'])}", err=True)
+    resumed = f"; {outcome.resumed} already complete (--resume)" if outcome.resumed else ""
+    where = f"{out} (Parquet shards in {out / 'maps'}, failures in {out / 'errors.parquet'})" if (
+        scale["--format"] == "parquet") else str(out)
+    click.echo(f"wrote {outcome.written} image(s) x {len(method_objs)} method(s) to {where}{resumed}")
+    click.echo(f"ray: {outcome.written + len(outcome.failed)} image(s) in {outcome.seconds:.1f} s "
+               f"({outcome.images_per_s:.1f} images/s) on {outcome.actors} actor(s); {len(outcome.failed)} failed; "
+               f"driver setup {outcome.setup_seconds:.1f} s")
+    outcome.raise_for_failures()

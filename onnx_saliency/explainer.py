@@ -28,6 +28,16 @@ class Explainer:
         if labels is not None:
             self.model.labels = load_labels(labels)
 
+    @classmethod
+    def from_loaded(cls, model: LoadedModel, preprocessing: Preprocessing, provider: str = "cpu",
+                    threads: int | None = None) -> "Explainer":
+        """An Explainer over a model loaded elsewhere (a scale-out actor gets it from the driver, not the file)."""
+        self = cls.__new__(cls)
+        self.model = model
+        self.engine = Engine(model, provider=provider, threads=threads)
+        self.preprocessing = preprocessing
+        return self
+
     # --- introspection ----------------------------------------------------------------------------------
     def layers(self) -> list[Layer]:
         return candidate_layers(self.model)

@@ -43,6 +43,10 @@ class Engine:
         self.memory_budget = DEFAULT_MEMORY_BUDGET
         self.batch_limits: dict[tuple, tuple[int, int]] = {}  # (asked, backward) -> (fitted, bytes per image)
         self._per_image: dict[tuple, int] = {}
+        # Where rewritten graphs come from before they are built here: anything with load(key) -> bytes | None
+        # and save(key, bytes). Scale-out ships the driver's graphs to its actors through it (scale.graphs);
+        # a persistent cache of rewritten graphs plugs in at the same place.
+        self.graph_source = None
 
     # --- sessions -------------------------------------------------------------------------------------
     def session(self, key: tuple, build: Callable[[onnx.ModelProto], onnx.ModelProto]):
@@ -54,7 +58,12 @@ class Engine:
         with self._lock:
             if key not in self._sessions:
                 ort = import_onnxruntime()
-                data = build(self.model.canonical).SerializeToString()
+                source = self.graph_source
+                data = source.load(key) if source is not None else None
+                if data is None:
+                    data = build(self.model.canonical).SerializeToString()
+                    if source is not None:
+                        source.save(key, data)
                 opts = ort.SessionOptions()
                 if self.threads:
                     opts.intra_op_num_threads = self.threads

@@ -65,7 +65,7 @@ from ..errors import SaliencyError
 __all__ = [
     "Preset", "PRESETS", "Preprocessing", "MAX_PIXELS", "META_PRESET", "META_RESIZE", "META_CROP",
     "META_RESIZE_MODE", "META_LABELS", "METADATA_KEYS", "RESIZE_MODES", "LAYOUTS", "labels_from_metadata",
-    "load_image", "prepare", "input_bounds", "SUPPORTED_FORMATS",
+    "load_image", "decode_image", "prepare", "input_bounds", "SUPPORTED_FORMATS",
 ]
 
 META_PRESET = "onnx_saliency.preset"
@@ -404,6 +404,17 @@ def load_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise SaliencyError(f"{path}: no such file") from None
     except OSError as err:
         raise SaliencyError(f"{path}: cannot read ({err.strerror or err})") from None
+    return decode_image(data, path, max_pixels)
+
+
+def decode_image(data, path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """:func:`load_image` for an encoded image already in memory (bytes or a uint8 array read from a URI or
+    a dataset column); `path` only names it in messages."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = np.frombuffer(data, dtype=np.uint8)
+    if data.size > 32 * max_pixels + (64 << 20):
+        raise SaliencyError(f"{path}: file of {data.size} bytes is too large for an image within the limit of "
+                            f"{max_pixels} pixels")
     if data.size == 0:
         raise SaliencyError(f"{path}: not a readable image (empty file)")
     raw = data.tobytes()

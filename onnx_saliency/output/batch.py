@@ -50,8 +50,13 @@ def _naming(image: Path, err: Exception, method: str | None = None) -> str:
 def explain_images(explainer, images: Sequence[Path], methods: Sequence[str], out: Path, *, layer, targets,
                    batch_size: int, options: dict, max_pixels: int = MAX_PIXELS, resume: bool = False,
                    on_failure: Callable[[str], None] = lambda line: None,
-                   on_progress: Callable[[int], None] = lambda n: None) -> BatchOutcome:
-    """Explain `images` with every method in `methods`, `batch_size` images at a time, into `out`."""
+                   on_progress: Callable[[int], None] = lambda n: None, load: Callable | None = None,
+                   write: Callable = write_image_outputs) -> BatchOutcome:
+    """Explain `images` with every method in `methods`, `batch_size` images at a time, into `out`.
+
+    `load(image) -> uint8 RGB` replaces reading the file (default ``load_image`` with `max_pixels`) and
+    `write` replaces :func:`write_image_outputs` (same arguments): the scale-out runner passes its own for
+    sources that are not local files and for Parquet shards, so both engines share this loop."""
     outcome = BatchOutcome()
     sha = explainer.model.sha256
 
@@ -68,7 +73,7 @@ def explain_images(explainer, images: Sequence[Path], methods: Sequence[str], ou
         pictures, shapes = {}, {}
         for i in needed:
             try:
-                pictures[i] = load_image(images[i], max_pixels=max_pixels)
+                pictures[i] = load(images[i]) if load is not None else load_image(images[i], max_pixels=max_pixels)
                 shapes[i] = explainer.prepare([pictures[i]])[0].shape  # refused sizes fail here, per image
             except SaliencyError as err:
                 fail(i, _naming(images[i], err))
@@ -82,7 +87,7 @@ def explain_images(explainer, images: Sequence[Path], methods: Sequence[str], ou
             for k, i in enumerate(group):
                 if images[i] in outcome.failed:
                     continue  # another method failed for it: write nothing half-done for this image
-                write_image_outputs(explainer, result, k, images[i], out, options)
+                write(explainer, result, k, images[i], out, options)
                 flat = result.maps[k]
                 if np.ptp(flat) == 0:
                     outcome.constant.append((images[i], m, float(flat.flat[0])))

@@ -1,0 +1,20 @@
+"""Scale-out: explain a whole dataset on a Ray cluster (``explain_dataset``; Ray Data, one onnxruntime session
+per actor, resumable per-image files or atomically committed Parquet shards), and a Triton model repository for
+an explain graph (``write_triton_repository``). Ray and pyarrow (the ``[ray]`` extra) are imported only when a
+run asks for them."""
+
+_LAZY = {"explain_dataset": ".runner", "ScaleOutcome": ".runner", "read_maps": ".parquet",
+         "write_triton_repository": ".triton", "triton_config": ".triton"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)
