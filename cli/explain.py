@@ -140,7 +140,7 @@ def _explain_on_ray(ex, images, method_objs, layer_spec, targets, out, batch_siz
         outcome = explain_dataset(
             images, ex, [m.name for m in method_objs], layer=layer_spec if len(layer_spec) > 1 else layer_spec[0],
             target=[int(t) for t in targets], out=out, fmt=scale["--format"] or "files", actors=scale["--actors"],
-            cpus_per_actor=scale["--cpus-per-actor"] or 1, gpus_per_actor=scale["--gpus-per-actor"] or 0,
+            cpus_per_actor=_given(scale["--cpus-per-actor"], 1), gpus_per_actor=_given(scale["--gpus-per-actor"], 0),
             batch_size=batch_size, shard_size=scale["--shard-size"], options=options,
             provider=ex.engine.provider, max_pixels=max_pixels or MAX_PIXELS, resume=resume,
             address=scale["--address"], on_failure=lambda line: click.echo(f"error: {line}", err=True),
@@ -162,3 +162,7 @@ def _explain_on_ray(ex, images, method_objs, layer_spec, targets, out, batch_siz
                f"({outcome.images_per_s:.1f} images/s) on {outcome.actors} actor(s); {len(outcome.failed)} failed; "
                f"driver setup {outcome.setup_seconds:.1f} s")
     outcome.raise_for_failures()
+
+
+def _given(value, default):
+    return default if value is None else value
