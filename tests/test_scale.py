@@ -3,9 +3,7 @@ image reported and skipped, Parquet read back, a run killed with SIGKILL resumed
 and the graphs built once on the driver (the engine's graph_source seam, checked without Ray too)."""
 
 import json
-import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -61,8 +59,9 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster():
     ray = pytest.importorskip("ray", reason="needs the [ray] extra (pip install 'onnx-saliency[ray]')")
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    from onnx_saliency.scale import init_ray
+
+    init_ray(num_cpus=2)  # without the dashboard, as explain_dataset starts one
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -229,13 +228,14 @@ def test_a_run_killed_midway_resumes_to_the_clean_result(data, cluster, tmp_path
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    committed = len(list((out / "maps").glob("part-*.parquet")))
-    assert 1 <= committed < 6
+    # the actor may commit the shards before the blocked one while Ray notices its driver is gone: at least
+    # one shard is committed, never the blocked one
+    assert 1 <= len(list((out / "maps").glob("part-*.parquet"))) < 6
     blocked.unlink()
     blocked.write_bytes(picture)
     outcome = explain_dataset(images, model, ["gradcam", "relevance-cam"], out=out, fmt="parquet", actors=1,
                               shard_size=2, batch_size=2, resume=True)
-    assert outcome.resumed == 2 * committed and outcome.written == 12 - 2 * committed and not outcome.failed
+    assert 2 <= outcome.resumed <= 10 and outcome.resumed + outcome.written == 12 and not outcome.failed
     assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary file left behind
 
     def rows(folder):

@@ -3,7 +3,7 @@ per actor, resumable per-image files or atomically committed Parquet shards), an
 an explain graph (``write_triton_repository``). Ray and pyarrow (the ``[ray]`` extra) are imported only when a
 run asks for them."""
 
-_LAZY = {"explain_dataset": ".runner", "ScaleOutcome": ".runner", "read_maps": ".parquet",
+_LAZY = {"explain_dataset": ".runner", "ScaleOutcome": ".runner", "init_ray": ".runner", "read_maps": ".parquet",
          "write_triton_repository": ".triton", "triton_config": ".triton"}
 
 

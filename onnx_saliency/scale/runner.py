@@ -314,7 +314,12 @@ def _collect(outcome: ScaleOutcome, row: dict, on_failure, on_progress) -> None:
     on_progress(int(row["images"]))
 
 
-def _init_quietly(ray, address) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to `address` or start a local cluster (`num_cpus`, default all), as explain_dataset does."""
+    _init_quietly(_ray(), address, num_cpus)
+
+
+def _init_quietly(ray, address, num_cpus=None) -> None:
     """ray.init without Ray's own log lines on the user's terminal around our progress bar and error lines.
 
     The driver's C++ core worker logs to this process's stderr: at actor creation Ray Data's own
@@ -327,7 +332,8 @@ def _init_quietly(ray, address) -> None:
     try:
         sys.stderr.flush()
         os.dup2(devnull, 2)
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)
     finally:
         os.dup2(saved, 2)
         os.close(saved)
