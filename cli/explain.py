@@ -102,8 +102,8 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
                 ex.resolve_layer(spec)
     targets = ex.targets(parse_target(target), len(images))
     if engine == "ray":
-        return _explain_on_ray(ex, images, method_objs, layer_spec, targets, out, batch_size, options, max_pixels,
-                               resume, report, scale)
+        return _explain_on_ray(ex, images, method_objs, layer_spec, parse_target(target), out, batch_size, options,
+                               max_pixels, resume, report, scale)
 
     total = len(images) * len(method_objs)
     hidden = total < 2 or not sys.stderr.isatty()  # in logs and CI a progress bar is noise
@@ -129,7 +129,7 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     outcome.raise_for_failures(len(images))
 
 
-def _explain_on_ray(ex, images, method_objs, layer_spec, targets, out, batch_size, options, max_pixels, resume,
+def _explain_on_ray(ex, images, method_objs, layer_spec, target, out, batch_size, options, max_pixels, resume,
                     report, scale):
     """`--engine ray`: the same outputs, written by Ray Data actors (onnx_saliency.scale)."""
     from onnx_saliency.intake.preprocess import MAX_PIXELS
@@ -139,7 +139,7 @@ def _explain_on_ray(ex, images, method_objs, layer_spec, targets, out, batch_siz
     with click.progressbar(length=len(images), label="explaining", file=sys.stderr, hidden=hidden) as bar:
         outcome = explain_dataset(
             images, ex, [m.name for m in method_objs], layer=layer_spec if len(layer_spec) > 1 else layer_spec[0],
-            target=[int(t) for t in targets], out=out, fmt=scale["--format"] or "files", actors=scale["--actors"],
+            target=target, out=out, fmt=scale["--format"] or "files", actors=scale["--actors"],
             cpus_per_actor=_given(scale["--cpus-per-actor"], 1), gpus_per_actor=_given(scale["--gpus-per-actor"], 0),
             batch_size=batch_size, shard_size=scale["--shard-size"], options=options,
             provider=ex.engine.provider, max_pixels=max_pixels or MAX_PIXELS, resume=resume,

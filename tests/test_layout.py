@@ -109,7 +109,7 @@ def test_no_command_imports_another_command():
 def test_top_level_holds_only_the_front_door_and_cross_cutting_modules():
     top = sorted(p.stem for p in (ROOT / "onnx_saliency").glob("*.py") if p.stem != "__init__")
     assert len(top) <= 8, top
-    for room in ("intake", "engine", "methods", "lrp", "evaluation", "audit", "output"):
+    for room in ("intake", "engine", "methods", "lrp", "evaluation", "audit", "output", "scale"):
         assert (ROOT / "onnx_saliency" / room / "__init__.py").is_file(), room
 
 

@@ -98,6 +98,22 @@ def test_shipped_graphs_replace_building_and_give_identical_maps(data, monkeypat
     assert recorder.load(("vjp",)) is None
 
 
+def test_uri_folders_are_listed_and_uris_read_as_local_files(data):
+    pytest.importorskip("pyarrow", reason="needs the [ray] extra")
+    from onnx_saliency.intake.preprocess import load_image
+    from onnx_saliency.scale.actor import read_image
+    from onnx_saliency.scale.runner import _paths_of
+
+    root, model, images, local = data
+    uris = _paths_of([images[0].parent.as_uri()])
+    assert uris == [p.as_uri() for p in images]
+    assert np.array_equal(read_image(uris[0], 10 ** 8), load_image(images[0]))
+    with pytest.raises(Exception, match=f"^{uris[CORRUPT]}: not a readable image"):
+        read_image(uris[CORRUPT], 10 ** 8)
+    with pytest.raises(Exception, match="cannot read"):
+        read_image((root / "missing.png").as_uri(), 10 ** 8)
+
+
 # --- on the local cluster ------------------------------------------------------------------------------
 
 def test_ray_files_equal_the_local_engine_and_resume_rewrites_nothing(data, cluster, tmp_path):

@@ -103,17 +103,40 @@ def _paths_of(source) -> list[str] | None:
         for item in source:
             text = str(item)
             p = Path(text)
-            if "://" not in text and p.is_dir():
+            if "://" in text:
+                out += _list_uri(text)
+            elif p.is_dir():
                 found = sorted(f for f in p.iterdir() if f.suffix.lower() in _SUFFIXES and f.is_file())
                 if not found:
                     raise SaliencyError(f"{p}: folder contains no images")
                 out += [str(f) for f in found]
             else:
-                out.append(text)  # read (or reported missing) by the actor that gets it
+                out.append(text)  # read (or reported missing) by the actor that gets it, not stat'ed here
         if not out:
             raise SaliencyError("no images given")
         return out
     return None
+
+
+def _list_uri(uri: str) -> list[str]:
+    """The images in a URI folder (pyarrow's file systems: s3://, gs://, hdfs://, file://), or the URI itself."""
+    try:
+        from pyarrow import fs
+    except ImportError as err:
+        raise SaliencyError(f"{uri}: URIs need pyarrow: pip install 'onnx-saliency[ray]'") from err
+    try:
+        filesystem, inner = fs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(inner)
+        if info.type != fs.FileType.Directory:
+            return [uri]
+        found = filesystem.get_file_info(fs.FileSelector(inner, recursive=False))
+    except (OSError, ValueError) as err:
+        raise SaliencyError(f"{uri}: cannot list ({str(err).splitlines()[0]})") from None
+    scheme = uri.split("://", 1)[0]
+    names = sorted(f.path for f in found if f.type == fs.FileType.File and Path(f.path).suffix.lower() in _SUFFIXES)
+    if not names:
+        raise SaliencyError(f"{uri}: folder contains no images")
+    return [f"{scheme}://{name}" for name in names]  # s3: "bucket/key"; file: "/abs/path"
 
 
 _SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm",
