@@ -274,3 +274,14 @@ def test_usage_errors_exit_2_before_any_work(data, tmp_path):
         res = CliRunner().invoke(main, ["explain", str(model), str(images[0]), "--out", str(tmp_path / "x"), *args])
         assert res.exit_code == 2 and message in res.output, (args, res.output)
         assert not (tmp_path / "x").exists()
+
+
+def test_an_error_every_image_would_meet_stops_the_run_with_one_line(data, cluster, tmp_path):
+    root, model, images, _ = data
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    res = CliRunner().invoke(main, ["explain", str(model), str(images[0]), str(images[1]), "--engine", "ray",
+                                    "--out", str(blocker / "out"), "--actors", "1"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines()[-1].startswith(f"error: {blocker / 'out'}"), res.output
+    assert "cannot create folder" in res.output and "Traceback" not in res.output

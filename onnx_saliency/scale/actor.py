@@ -67,6 +67,14 @@ class ExplainShard:
         self.first = True
 
     def __call__(self, batch: dict) -> dict:
+        try:
+            return self._shard(batch)
+        except SaliencyError as err:
+            # an error every image would meet (an output that cannot be written, a model error): a row that
+            # says so, for the driver to stop on; Ray's own wrapping of exceptions loses their type and text
+            return {"fatal": [str(err)], "exit_code": [err.exit_code]}
+
+    def _shard(self, batch: dict) -> dict:
         started = time.perf_counter()
         s = self.s
         ids = [str(i) for i in batch["id"]]
@@ -122,7 +130,7 @@ class ExplainShard:
         total = time.perf_counter() - started
         rss, peak = _memory()
         row = {
-            "shard": shard, "images": len(ids), "written": len(outcome.written),
+            "fatal": "", "exit_code": 0, "shard": shard, "images": len(ids), "written": len(outcome.written),
             "resumed": resumed + len(outcome.resumed), "failures": json.dumps(failures),
             "constant": json.dumps([[str(i), m, v] for i, m, v in outcome.constant]),
             "notes": json.dumps(outcome.notes), "decode_s": clock["decode"], "write_s": clock["write"],

@@ -68,16 +68,13 @@ def _ray():
     return ray
 
 
-def _unwrap(err: BaseException) -> BaseException | None:
-    """The SaliencyError inside a Ray task or actor error, if any (Ray wraps user exceptions)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, SaliencyError):
-            return err
-        cause = getattr(err, "cause", None)
-        err = cause if isinstance(cause, BaseException) else (err.__cause__ or err.__context__)
-    return None
+def _last_error_line(err: BaseException) -> str:
+    """'SomeError: message' from the remote traceback Ray puts in its error's text, else the error's own line."""
+    import re
+
+    lines = [line.strip() for line in str(err).splitlines()]
+    found = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:", line)]
+    return found[-1] if found else f"{type(err).__name__}: {next((x for x in lines if x), '')}"
 
 
 def _rows_from_paths(paths, targets) -> list[dict]:
@@ -245,7 +242,7 @@ def explain_dataset(source, model, methods=("gradcam",), *, layer="auto", target
         ctx.enable_progress_bars = False  # ours is on stderr, one line
         ctx.print_on_execution_start = False
         ctx.verbose_stats_logs = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its errors reach us as rows or exceptions
         cluster = ray.cluster_resources()
         if actors is None:
             actors = max(1, int(cluster.get("CPU", 1) // cpus_per_actor))
@@ -280,12 +277,10 @@ def explain_dataset(source, model, methods=("gradcam",), *, layer="auto", target
                     warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.")
                     for row in results.iter_rows():
                         _collect(outcome, row, on_failure, on_progress)
-            except Exception as err:  # Ray wraps what an actor raised; ours say what went wrong in one line
-                inner = _unwrap(err)
-                if inner is not None:
-                    raise type(inner)(str(inner)) from None
-                raise SaliencyError(f"the Ray job failed: {type(err).__name__}: "
-                                    f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}") from err
+            except SaliencyError:
+                raise
+            except Exception as err:  # a crash in an actor (a bug, or the actor killed): its last line
+                raise SaliencyError(f"the Ray job failed: {_last_error_line(err)}") from err
         outcome.seconds = time.perf_counter() - run_start
         outcome.setup_seconds = setup
         if fmt == "parquet":
@@ -320,7 +315,15 @@ class _Normalise:
         return out
 
 
+class _Fatal(SaliencyError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def _collect(outcome: ScaleOutcome, row: dict, on_failure, on_progress) -> None:
+    if row.get("fatal"):
+        raise _Fatal(str(row["fatal"]), int(row["exit_code"]) or 2)
     failures = json.loads(row["failures"])
     for f in failures:
         outcome.failed[f["id"]] = f
