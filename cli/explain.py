@@ -72,6 +72,8 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
              "--gpus-per-actor": gpus_per_actor, "--format": fmt, "--shard-size": shard_size}
     if engine == "local" and any(v is not None for v in scale.values()):
         raise SaliencyError(f"{next(k for k, v in scale.items() if v is not None)}: needs --engine ray")
+    if engine == "ray" and model_kw.get("threads") is not None:
+        raise SaliencyError("--threads: with --engine ray each actor runs --cpus-per-actor threads")
     uris = tuple(i for i in inputs if "://" in i) if engine == "ray" else ()  # read by the actors
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -270,7 +270,8 @@ def test_usage_errors_exit_2_before_any_work(data, tmp_path):
     for args, message in [(["--actors", "2"], "--actors: needs --engine ray"),
                           (["--format", "parquet"], "--format: needs --engine ray"),
                           (["--engine", "ray", "--gpus-per-actor", "0.5"], "only used with --provider cuda"),
-                          (["--engine", "ray", "--cpus-per-actor", "0"], "--cpus-per-actor 0.0: must be positive")]:
+                          (["--engine", "ray", "--cpus-per-actor", "0"], "--cpus-per-actor 0.0: must be positive"),
+                          (["--engine", "ray", "--threads", "2"], "each actor runs --cpus-per-actor threads")]:
         res = CliRunner().invoke(main, ["explain", str(model), str(images[0]), "--out", str(tmp_path / "x"), *args])
         assert res.exit_code == 2 and message in res.output, (args, res.output)
         assert not (tmp_path / "x").exists()

@@ -173,7 +173,7 @@ def write_errors(out: Path, failures: dict, present: dict, methods) -> list[dict
 
 def check_manifest(out: Path, manifest: dict, resume: bool) -> None:
     """A folder holds one run's dataset: refuse to mix models, methods, layers or options, and refuse to add
-    shards to an existing dataset without --resume (that would duplicate rows)."""
+    shards to an existing dataset without --resume (that would duplicate rows). Writes nothing."""
     path = Path(out) / MANIFEST
     if path.is_file():
         try:
@@ -190,7 +190,11 @@ def check_manifest(out: Path, manifest: dict, resume: bool) -> None:
                                 "choose a new --out")
     elif (Path(out) / MAPS).is_dir() and any((Path(out) / MAPS).glob("part-*.parquet")):
         raise SaliencyError(f"--out {out}: holds shards but no {MANIFEST}; choose an empty folder")
-    write_bytes(path, (json.dumps(json.loads(_json(manifest)), indent=2) + "\n").encode("utf-8"))
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Written once the model and options have proven to run, so a refused run leaves nothing behind."""
+    write_bytes(Path(out) / MANIFEST, (json.dumps(json.loads(_json(manifest)), indent=2) + "\n").encode("utf-8"))
 
 
 def read_maps(out, method: str | None = None) -> dict:

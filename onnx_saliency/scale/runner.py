@@ -94,8 +94,6 @@ def _paths_of(source) -> list[str] | None:
     if isinstance(source, (str, os.PathLike)):
         source = [source]
     if isinstance(source, (list, tuple)):
-        from ..intake.preprocess import SUPPORTED_FORMATS  # noqa: F401  (folders list what load_image reads)
-
         out = []
         for item in source:
             text = str(item)
@@ -174,6 +172,83 @@ def explain_dataset(source, model, methods=("gradcam",), *, layer="auto", target
     from ..methods import get_method
 
     started = time.perf_counter()
+    shard_size = _check_numbers(fmt, cpus_per_actor, gpus_per_actor, provider, actors, batch_size, shard_size)
+    ex = model if isinstance(model, Explainer) else Explainer(model, preset=preset)
+    if memory_budget:
+        ex.engine.memory_budget = memory_budget
+    names = [get_method(m).name for m in methods]
+    options = dict(options or {})
+    specs = layer if isinstance(layer, (list, tuple)) else [layer]
+    if any(get_method(m).uses_layer for m in names):
+        for spec in specs:
+            ex.resolve_layer(spec)
+    ray = _ray()
+    paths = _paths_of(source)
+    rows = _rows_from_paths(paths, ex.targets(target, len(paths))) if paths is not None else None
+    if rows is None and isinstance(target, (list, tuple)):
+        raise SaliencyError("--target: one target per image needs a list of paths, or a 'target' column")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SaliencyError(f"--out {out}: exists and is not a folder")
+
+    present = {}
+    if fmt == "parquet":
+        manifest = {"format": "onnx-saliency parquet 1", "model_sha256": ex.model.sha256, "methods": names,
+                    "layer": specs, "options": options, "preprocessing": vars(ex.preprocessing)}
+        parquet.check_manifest(out, manifest, resume)
+        present, _ = parquet.committed(out)
+    done = {i for i, ms in present.items() if set(names) <= ms}
+    todo = [r for r in rows if r["id"] not in done] if rows is not None else None
+    graphs = record_graphs(ex, names, layer, options, batch_size=1)  # model and option errors stop here
+    if fmt == "parquet":
+        parquet.write_manifest(out, manifest)
+    shipment = Shipment(model=_shipped_model(ex.model), preprocessing=ex.preprocessing, graphs=graphs,
+                        methods=names, layer=layer, options=options, out=str(out), fmt=fmt,
+                        batch_size=batch_size, max_pixels=max_pixels, memory_budget=ex.engine.memory_budget,
+                        provider=provider, threads=max(1, int(round(cpus_per_actor))), resume=resume,
+                        done=frozenset(done) if rows is None else frozenset(),
+                        present={i: sorted(ms) for i, ms in present.items() if i not in done})
+
+    we_started = not ray.is_initialized()
+    if we_started:
+        _init_quietly(ray, address=address)  # None: a local cluster of this machine's cores
+    try:  # else this process is already connected (a driver has one cluster), and stays so
+        _quiet_ray_data(ray)
+        outcome = ScaleOutcome(images=len(rows) if rows is not None else 0)
+        actors = actors or _default_actors(ray, cpus_per_actor, gpus_per_actor)
+        ref = ray.put(shipment)
+        if rows is not None:
+            outcome.resumed = len(rows) - len(todo)
+            blocks = min(len(todo), math.ceil(len(todo) / shard_size))
+            actors = max(1, min(actors, blocks))  # an actor without a shard would only cost its start
+            ds = ray.data.from_items(todo, override_num_blocks=blocks) if todo else None
+        else:
+            ds = _normalised(source, int(ex.targets(target, 1)[0]))
+        outcome.actors = actors
+        on_start(outcome.images)
+        if outcome.resumed:
+            on_progress(outcome.resumed)
+        outcome.setup_seconds = time.perf_counter() - started
+        run_start = time.perf_counter()
+        if ds is not None:
+            results = ds.map_batches(ExplainShard, batch_size=shard_size, batch_format="numpy",
+                                     compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+                                     num_gpus=gpus_per_actor or None, fn_constructor_args=([ref],))
+            _drain(results, outcome, on_failure, on_progress)
+        outcome.seconds = time.perf_counter() - run_start
+        if fmt == "parquet":
+            present, recorded = parquet.committed(out)
+            outcome.failed = {f["id"]: f for f in parquet.write_errors(out, recorded, present, names)}
+        if rows is None:
+            outcome.images = outcome.written + outcome.resumed + len(outcome.failed)
+        return outcome
+    finally:
+        if we_started:
+            ray.shutdown()
+
+
+def _check_numbers(fmt, cpus_per_actor, gpus_per_actor, provider, actors, batch_size, shard_size) -> int:
+    """Option checks before any work; returns the shard size."""
     if fmt not in FORMATS:
         raise SaliencyError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if cpus_per_actor <= 0:
@@ -186,136 +261,70 @@ def explain_dataset(source, model, methods=("gradcam",), *, layer="auto", target
         raise SaliencyError(f"--actors {actors}: must be at least 1")
     if batch_size < 1:
         raise SaliencyError(f"--batch-size {batch_size}: must be at least 1")
-    shard_size = shard_size or max(batch_size, 64)
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:
         raise SaliencyError(f"--shard-size {shard_size}: must be at least 1")
-    ex = model if isinstance(model, Explainer) else Explainer(model, preset=preset)
-    if memory_budget:
-        ex.engine.memory_budget = memory_budget
-    names = [get_method(m).name for m in methods]
-    options = dict(options or {})
-    specs = layer if isinstance(layer, (list, tuple)) else [layer]
-    if any(get_method(m).uses_layer for m in names):
-        for spec in specs:
-            ex.resolve_layer(spec)
-    ray = _ray()
-    paths = _paths_of(source)
-    if paths is not None:
-        rows = _rows_from_paths(paths, ex.targets(target, len(paths)))
-        fixed_target = None
-    else:
-        rows = None
-        fixed_target = int(ex.targets(target, 1)[0]) if not isinstance(target, (list, tuple)) else None
-        if fixed_target is None:
-            raise SaliencyError("--target: one target per image needs a list of paths, or a 'target' column")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SaliencyError(f"--out {out}: exists and is not a folder")
-
-    present, recorded = {}, {}
     if fmt == "parquet":
-        parquet.schema()  # pyarrow is there, before any work
-        manifest = {"format": "onnx-saliency parquet 1", "model_sha256": ex.model.sha256, "methods": names,
-                    "layer": specs, "options": options, "preprocessing": vars(ex.preprocessing)}
-        parquet.check_manifest(out, manifest, resume)
-        present, recorded = parquet.committed(out)
-    done = {i for i, ms in present.items() if set(names) <= ms}
-    partly = {i: sorted(ms) for i, ms in present.items() if i not in done}
-    total = len(rows) if rows is not None else None
-    if rows is not None:
-        todo = [r for r in rows if r["id"] not in done]
-        resumed_before = len(rows) - len(todo)
-    graphs = record_graphs(ex, names, layer, options, batch_size=1)
-    threads = max(1, int(round(cpus_per_actor)))
-    shipment = Shipment(model=_shipped_model(ex.model), preprocessing=ex.preprocessing, graphs=graphs,
-                        methods=names, layer=layer, options=options, out=str(out), fmt=fmt,
-                        batch_size=batch_size, max_pixels=max_pixels, memory_budget=ex.engine.memory_budget,
-                        provider=provider, threads=threads, resume=resume,
-                        done=frozenset(done) if rows is None else frozenset(), present=partly)
-
-    we_started = False
-    if not ray.is_initialized():
-        _init_quietly(ray, address=address)  # None: a local cluster of this machine's cores
-        we_started = True  # else: this process is already connected (a driver has one cluster)
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # ours is on stderr, one line
-        ctx.print_on_execution_start = False
-        ctx.verbose_stats_logs = False
-        logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its errors reach us as rows or exceptions
-        cluster = ray.cluster_resources()
-        if actors is None:
-            actors = max(1, int(cluster.get("CPU", 1) // cpus_per_actor))
-            if gpus_per_actor > 0:
-                actors = max(1, min(actors, int(cluster.get("GPU", 0) // gpus_per_actor) or 1))
-        ref = ray.put(shipment)
-        if rows is not None:
-            blocks = min(len(todo), math.ceil(len(todo) / shard_size))
-            actors = max(1, min(actors, blocks))  # an actor without a shard would only cost its start
-            ds = ray.data.from_items(todo, override_num_blocks=blocks) if todo else None
-        else:
-            ds = source
-            cols = set(ds.columns() or [])
-            if not cols & {"image", "bytes"} or not cols & {"id", "path"}:
-                raise SaliencyError(f"the dataset needs an 'image' or 'bytes' column and an 'id' or 'path' column; "
-                                    f"it has {', '.join(sorted(cols)) or 'none'}")
-            ds = ds.map_batches(_Normalise(fixed_target), batch_format="numpy")
-        outcome = ScaleOutcome(images=total or 0, actors=actors)
-        if rows is not None:
-            outcome.resumed = resumed_before
-        on_start(total or 0)
-        if rows is not None and resumed_before:
-            on_progress(resumed_before)
-        setup = time.perf_counter() - started
-        run_start = time.perf_counter()
-        if ds is not None:
-            results = ds.map_batches(ExplainShard, batch_size=shard_size, batch_format="numpy",
-                                     compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-                                     num_gpus=gpus_per_actor or None, fn_constructor_args=([ref],))
-            try:
-                with warnings.catch_warnings():  # Ray Data's tuning hints are for its own users, not ours
-                    warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.")
-                    for row in results.iter_rows():
-                        _collect(outcome, row, on_failure, on_progress)
-            except SaliencyError:
-                raise
-            except Exception as err:  # a crash in an actor (a bug, or the actor killed): its last line
-                raise SaliencyError(f"the Ray job failed: {_last_error_line(err)}") from err
-        outcome.seconds = time.perf_counter() - run_start
-        outcome.setup_seconds = setup
-        if fmt == "parquet":
-            present, recorded = parquet.committed(out)
-            outcome.failed = {f["id"]: f for f in parquet.write_errors(out, recorded, present, names)}
-        if rows is None:
-            outcome.images = outcome.written + outcome.resumed + len(outcome.failed)
-        return outcome
-    finally:
-        if we_started:
-            ray.shutdown()
+        parquet.schema()  # pyarrow is there
+    return shard_size or max(batch_size, 64)
 
 
-class _Normalise:
+def _default_actors(ray, cpus_per_actor: float, gpus_per_actor: float) -> int:
+    """As many actors as the cluster's CPUs (and GPUs, with --gpus-per-actor) hold."""
+    cluster = ray.cluster_resources()
+    actors = max(1, int(cluster.get("CPU", 1) // cpus_per_actor))
+    if gpus_per_actor > 0:
+        actors = max(1, min(actors, int(cluster.get("GPU", 0) // gpus_per_actor) or 1))
+    return actors
+
+
+def _quiet_ray_data(ray) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours is on stderr, one line
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its errors reach us as rows or exceptions
+
+
+def _normalised(ds, target: int):
     """A user's dataset -> the rows ExplainShard reads: id, path, target and the image or bytes column."""
+    cols = set(ds.columns() or [])
+    if not cols & {"image", "bytes"} or not cols & {"id", "path"}:
+        raise SaliencyError(f"the dataset needs an 'image' or 'bytes' column and an 'id' or 'path' column; it has "
+                            f"{', '.join(sorted(cols)) or 'none'}")
+    return ds.map_batches(_normalise, batch_format="numpy", fn_kwargs={"target": target})
 
-    def __init__(self, target: int):
-        self.target = target
 
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
+def _normalise(batch: dict, target: int) -> dict:
+    import numpy as np
 
-        n = len(next(iter(batch.values())))
-        path = batch.get("path")
-        paths = [str(p) for p in path] if path is not None else [""] * n
-        ids = [str(i) for i in batch["id"]] if "id" in batch else [Path(p).stem for p in paths]
-        out = {"id": np.array(ids, object), "path": np.array(paths, object),
-               "target": np.asarray(batch["target"], np.int64) if "target" in batch else np.full(n, self.target)}
-        for key in ("image", "bytes"):
-            if key in batch:
-                out[key] = batch[key]
-        return out
+    n = len(next(iter(batch.values())))
+    path = batch.get("path")
+    paths = [str(p) for p in path] if path is not None else [""] * n
+    ids = [str(i) for i in batch["id"]] if "id" in batch else [Path(p).stem for p in paths]
+    out = {"id": np.array(ids, object), "path": np.array(paths, object),
+           "target": np.asarray(batch["target"], np.int64) if "target" in batch else np.full(n, target, np.int64)}
+    for key in ("image", "bytes"):
+        if key in batch:
+            out[key] = batch[key]
+    return out
+
+
+def _drain(results, outcome, on_failure, on_progress) -> None:
+    """Stream the shards' summary rows back to the driver: progress, failures, and stop on a fatal row."""
+    try:
+        with warnings.catch_warnings():  # Ray Data's tuning hints are for its own users, not ours
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.")
+            for row in results.iter_rows():
+                _collect(outcome, row, on_failure, on_progress)
+    except SaliencyError:
+        raise
+    except Exception as err:  # a crash in an actor (a bug, or the actor killed): its last line
+        raise SaliencyError(f"the Ray job failed: {_last_error_line(err)}") from err
 
 
 class _Fatal(SaliencyError):
+    """An actor's fatal row, re-raised on the driver with the actor's exit code."""
+
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
