@@ -72,7 +72,7 @@ class ExplainShard:
         except SaliencyError as err:
             # an error every image would meet (an output that cannot be written, a model error): a row that
             # says so, for the driver to stop on; Ray's own wrapping of exceptions loses their type and text
-            return {"fatal": [str(err)], "exit_code": [err.exit_code]}
+            return _row(fatal=str(err), exit_code=err.exit_code)
 
     def _shard(self, batch: dict) -> dict:
         started = time.perf_counter()
@@ -88,7 +88,8 @@ class ExplainShard:
         for k in keep:
             name = Path(paths[k] or ids[k])  # the local engine's naming: outputs under the path's stem
             if name in seen:
-                failures.append({"id": ids[k], "path": paths[k], "error": f"{paths[k] or ids[k]}: duplicate id {ids[k]!r}"})
+                where = paths[k] or ids[k]
+                failures.append({"id": ids[k], "path": paths[k], "error": f"{where}: duplicate id {ids[k]!r}"})
                 continue
             seen[name] = k
             names.append(name)
@@ -129,18 +130,28 @@ class ExplainShard:
             clock["write"] += time.perf_counter() - t
         total = time.perf_counter() - started
         rss, peak = _memory()
-        row = {
-            "fatal": "", "exit_code": 0, "shard": shard, "images": len(ids), "written": len(outcome.written),
-            "resumed": resumed + len(outcome.resumed), "failures": json.dumps(failures),
-            "constant": json.dumps([[str(i), m, v] for i, m, v in outcome.constant]),
-            "notes": json.dumps(outcome.notes), "decode_s": clock["decode"], "write_s": clock["write"],
-            "explain_s": total - clock["decode"] - clock["write"], "total_s": total,
-            "setup_s": self.setup_s if self.first else 0.0, "pid": os.getpid(), "rss": rss, "peak_rss": peak,
-            "graph_misses": len(self.graphs.missed), "started": time.time() - total, "finished": time.time(),
-        }
+        row = _row(shard=shard, images=len(ids), written=len(outcome.written),
+                   resumed=resumed + len(outcome.resumed), failures=json.dumps(failures),
+                   constant=json.dumps([[str(i), m, v] for i, m, v in outcome.constant]),
+                   notes=json.dumps(outcome.notes), decode_s=clock["decode"], write_s=clock["write"],
+                   explain_s=total - clock["decode"] - clock["write"], total_s=total,
+                   setup_s=self.setup_s if self.first else 0.0, rss=rss, peak_rss=peak,
+                   graph_misses=len(self.graphs.missed), started=time.time() - total)
         self.first = False
         self.graphs.missed.clear()
-        return {k: [v] for k, v in row.items()}
+        return row
+
+
+def _row(**values) -> dict:
+    """One summary row, every column present (a fatal row too: blocks of one dataset share a schema)."""
+    row = {"fatal": "", "exit_code": 0, "shard": "", "images": 0, "written": 0, "resumed": 0, "failures": "[]",
+           "constant": "[]", "notes": "[]", "decode_s": 0.0, "write_s": 0.0, "explain_s": 0.0, "total_s": 0.0,
+           "setup_s": 0.0, "pid": os.getpid(), "rss": 0, "peak_rss": 0, "graph_misses": 0, "started": 0.0,
+           "finished": time.time()}
+    unknown = set(values) - set(row)
+    assert not unknown, unknown
+    row.update(values)
+    return {k: [v] for k, v in row.items()}
 
 
 def _shipped_only(canonical):
