@@ -120,6 +120,9 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     if report:
         for method, note in outcome.notes:
             click.echo(f"{method}  {note}", err=True)
+        if ex.model.batch:
+            click.echo(f"batch  the model's input has a static batch of {ex.model.batch}: every onnxruntime call "
+                       f"takes {ex.model.batch} image(s), whatever --batch-size says")
         for (asked, backward), (fitted, per_image) in sorted(ex.engine.batch_limits.items()):
             click.echo(f"memory  batch of {asked} split into runs of {fitted} ({'with' if backward else 'no'} "
                        f"backward pass: ~{mib(per_image)} per image, budget {mib(budget)})")

@@ -7,6 +7,10 @@ Memory: every run is split into batches that fit ``memory_budget`` bytes (defaul
 the activation shapes of one image (shape inference at the real input size; see FORWARD_SHARE); the
 caller's batch size is an upper bound.
 
+Static batch: a model whose image input has a fixed batch B (plain torch exports without dynamic axes have
+B = 1) gets exactly B images per call, whatever the caller asked; a short last chunk is padded with copies of
+its last image and the padding's outputs are dropped. Every method, metric and command runs through here.
+
 Numerics: a NaN/Inf in any output is traced, on that failure path only, to the first node that produces
 it, by re-running the failing image with every intermediate tensor exposed.
 """
@@ -139,16 +143,26 @@ class Engine:
                 feeds[self.model.score_tensor + "__seed"] = np.ascontiguousarray(seed[sl], dtype=np.float32)
             else:
                 feeds[gp.TARGETS_INPUT] = targets[sl]
-            try:
-                values = sess.run(wanted, feeds)
-            except Exception as err:
-                raise SaliencyError(f"onnxruntime failed on {self.model.path.name}: {str(err).splitlines()[0]}") from err
-            self.calls += 1
+            values = self._call(sess, wanted, feeds)
             for k, v in zip(wanted, values):
                 results[k].append(v)
         out = {k: np.concatenate(v) if v and v[0].ndim else np.asarray(v) for k, v in results.items()}
         check_finite(out, where or self.model.path.name, self.nonfinite_locator(sess, x, targets, seed))
         return out
+
+    def _call(self, sess, wanted: list[str], feeds: dict[str, np.ndarray]) -> list:
+        """One session call; a chunk shorter than the model's static batch is padded and the padding dropped."""
+        real = len(next(iter(feeds.values())))
+        feeds = pad_feeds(feeds, self.model.batch)
+        try:
+            values = sess.run(wanted, feeds)
+        except Exception as err:  # onnxruntime's message spans lines; the later ones say what is wrong
+            raise SaliencyError(f"onnxruntime failed on {self.model.path.name}: {err}") from err
+        self.calls += 1
+        padded = len(next(iter(feeds.values())))
+        if padded == real:
+            return values
+        return [v[:real] if v.ndim and len(v) == padded else v for v in values]
 
     def forward(self, x: np.ndarray, batch_size: int = 32, targets=None) -> dict[str, np.ndarray]:
         return self.run(x, targets, batch_size=batch_size)
@@ -164,6 +178,8 @@ class Engine:
     def fit_batch(self, batch_size: int, hw=None, backward: bool = True) -> int:
         """`batch_size`, reduced so one session call stays within `memory_budget` (never below 1)."""
         batch_size = max(1, int(batch_size))
+        if self.model.batch:  # the graph takes exactly this many images per call (see the module docstring)
+            return self.model.batch
         per_image = self.bytes_per_image(hw or self._hw(), backward)
         fitted = max(1, min(batch_size, self.memory_budget // max(per_image, 1)))
         if fitted < batch_size:
@@ -185,6 +201,15 @@ class Engine:
             else:
                 t = np.full(len(x), -1, np.int64) if targets is None else np.asarray(targets, np.int64)
                 feeds[gp.TARGETS_INPUT] = t[i:i + 1]
-            return first_nonfinite_node(rebuild(), feeds, self._providers)
+            return first_nonfinite_node(rebuild(), pad_feeds(feeds, self.model.batch), self._providers)
 
         return locate
+
+
+def pad_feeds(feeds: dict[str, np.ndarray], batch: int | None) -> dict[str, np.ndarray]:
+    """Feeds with fewer than `batch` rows, padded to it with copies of their last row (real data: zeros could
+    trip a division in the graph); unchanged when `batch` is None or already met."""
+    real = len(next(iter(feeds.values())))
+    if not batch or real >= batch:
+        return feeds
+    return {k: np.concatenate([v, np.repeat(v[-1:], batch - real, axis=0)]) for k, v in feeds.items()}

@@ -38,6 +38,7 @@ class LoadedModel:
     num_classes: int
     metadata: dict = field(default_factory=dict)
     labels: list | None = None
+    batch: int | None = None   # the image input's static batch (plain torch exports: 1); None where dynamic
 
     def label(self, index: int) -> str:
         if self.labels and 0 <= index < len(self.labels):
@@ -331,7 +332,7 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     return LoadedModel(path=path, sha256=sha256_of(path), original=original, canonical=canonical, report=report,
                        input_name=image.name, layout=layout, input_hw=(static[2], static[3]),
                        channels=static[1] or 3, output_name=output_name, score_tensor=score, num_classes=classes,
-                       metadata=metadata, labels=labels_from_metadata(metadata))
+                       metadata=metadata, labels=labels_from_metadata(metadata), batch=static[0] or None)
 
 
 def _guess_layout(dims) -> str:
