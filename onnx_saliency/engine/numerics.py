@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 
 from ..errors import NumericalError
+from ..ort_logging import session_severity
 from .providers import import_onnxruntime
 
 
@@ -24,7 +25,7 @@ def first_nonfinite_node(graph: onnx.ModelProto, feeds: dict[str, np.ndarray], p
                 m.graph.output.append(onnx.ValueInfoProto(name=out))  # onnxruntime infers the type
                 present.add(out)
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = session_severity()
     try:
         sess = ort.InferenceSession(m.SerializeToString(), opts, providers=providers)
         names = [o.name for o in sess.get_outputs()]

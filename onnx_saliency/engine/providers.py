@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import SaliencyError
+from ..ort_logging import quiet_onnxruntime
 
 
 def providers_for(provider: str) -> list[str]:
@@ -25,4 +26,5 @@ def import_onnxruntime():
     except ImportError as err:
         raise SaliencyError("onnxruntime is not installed: pip install 'onnx-saliency[cpu]' "
                             "(or [gpu] for onnxruntime-gpu)") from err
+    quiet_onnxruntime()
     return ort

@@ -28,6 +28,7 @@ import graph_passes as gp
 
 from ..errors import SaliencyError
 from ..intake.model import LoadedModel, release_freed_memory
+from ..ort_logging import session_severity
 from .memory import DEFAULT_MEMORY_BUDGET, FORWARD_SHARE, activation_bytes
 from .numerics import check_finite, first_nonfinite_node
 from .providers import import_onnxruntime, providers_for
@@ -72,7 +73,7 @@ class Engine:
                 if self.threads:
                     opts.intra_op_num_threads = self.threads
                     opts.inter_op_num_threads = 1
-                opts.log_severity_level = 3
+                opts.log_severity_level = session_severity()
                 sess = ort.InferenceSession(data, opts, providers=self._providers)
                 del data
                 release_freed_memory()

@@ -17,6 +17,7 @@ import graph_passes as gp
 from graph_passes._graph import graph_inputs, producers, skeleton, tensor_infos
 
 from ..errors import SaliencyError, UnsupportedModelError
+from ..ort_logging import quiet_onnxruntime
 from .preprocess import Preprocessing, labels_from_metadata
 
 MAX_MODEL_BYTES = 2 ** 31 - 1  # protobuf's own limit: larger models must keep weights as external data
@@ -312,6 +313,7 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     original = read_model(path)
     image = _find_image_input(original, path)
     dims = image.type.tensor_type.shape.dim
+    quiet_onnxruntime()  # constant folding runs onnxruntime sessions of onnx-graphsurgeon's
     try:
         canonical, report = gp.canonicalize(original, fuse_affine=fuse_affine, return_report=True)
     except gp.GraphPassError as err:

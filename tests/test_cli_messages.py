@@ -1,0 +1,79 @@
+"""What the commands print besides results: nothing from onnxruntime itself, one line per error, aligned and
+whole method descriptions, help that leads somewhere, and torch module paths for dynamo exports."""
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+from onnx_saliency.cli.main import main
+from tests.graphs import tiny_classifier
+
+
+def _cli(*args, **kw):
+    """The CLI in a child process: onnxruntime logs to the process's stderr, below Python's sys.stderr."""
+    return subprocess.run([sys.executable, "-m", "onnx_saliency.cli.main", *[str(a) for a in args]],
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture()
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(folder / f"img{i}.png"), rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    return folder
+
+
+def _with_nodes(path, before: str, nodes, inits=(), rewire=None):
+    """Insert `nodes` before node `before` and feed `rewire` = (node, input index, tensor)."""
+    m = onnx.load(str(path))
+    g = m.graph
+    g.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in inits)
+    at = next(i for i, n in enumerate(g.node) if n.name == before)
+    for k, n in enumerate(nodes):
+        g.node.insert(at + k, n)
+    if rewire:
+        node, index, tensor = rewire
+        next(n for n in g.node if n.name == node).input[index] = tensor
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
+
+
+def test_onnxruntime_optimiser_warnings_stay_off_stderr(tmp_path):
+    """Two Unsqueezes of one initializer make onnxruntime's optimiser warn while onnx-graphsurgeon folds
+    them (Swin-T printed 104 such lines before its error)."""
+    path = _with_nodes(tiny_classifier(tmp_path / "warn.onnx"), "gap", [
+        helper.make_node("Unsqueeze", ["scale", "axes"], ["s1"], name="unsq1"),
+        helper.make_node("Unsqueeze", ["scale", "axes"], ["s2"], name="unsq2"),
+        helper.make_node("Mul", ["s1", "s2"], ["s12"], name="mul_s"),
+        helper.make_node("Mul", ["a2", "s12"], ["a2s"], name="scale_a2")],
+        [("scale", np.linspace(0.9, 1.1, 8).astype(np.float32)), ("axes", np.array([1, 2], np.int64))],
+        rewire=("gap", 0, "a2s"))
+    done = _cli("layers", path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+
+
+def test_a_failing_run_is_reported_once(tmp_path, images):
+    """A Reshape to a hard-coded (1, -1) fails inside onnxruntime for two images; onnxruntime's own error
+    line must not repeat ours (audit printed its error twice)."""
+    path = _with_nodes(tiny_classifier(tmp_path / "fixed.onnx"), "flatten",
+                       [helper.make_node("Reshape", ["g", "one_row"], ["f1"], name="fixed_reshape")],
+                       [("one_row", np.array([1, -1], np.int64))], rewire=("fc", 0, "f1"))
+    done = _cli("audit", path, path, images, "--out", tmp_path / "audit")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: onnxruntime failed on fixed.onnx"), done.stderr
