@@ -72,6 +72,19 @@ def expand_images(items) -> list[Path]:
     return images
 
 
+class CompositeOption(click.Option):
+    """An option naming an LRP composite: its help lists them all, looked up only when help is shown (the
+    CLI starts without importing the LRP machinery)."""
+
+    def get_help_record(self, ctx):
+        from onnx_saliency.lrp import composite_names
+
+        if not getattr(self, "_listed", False):
+            self.help = f"{self.help or ''} One of: {', '.join(composite_names())}.".strip()
+            self._listed = True
+        return super().get_help_record(ctx)
+
+
 def parse_options(pairs) -> dict:
     options = {}
     for pair in pairs:

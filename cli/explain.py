@@ -9,8 +9,8 @@ import click
 
 from onnx_saliency.errors import SaliencyError
 
-from .common import (explainer_from_options, fail_cleanly, mib, parse_bytes, parse_options, parse_target,
-                     peak_rss_bytes, split_model_and_images, with_model_options)
+from .common import (CompositeOption, explainer_from_options, fail_cleanly, mib, parse_bytes, parse_options,
+                     parse_target, peak_rss_bytes, split_model_and_images, with_model_options)
 
 
 @click.command()
@@ -22,7 +22,9 @@ from .common import (explainer_from_options, fail_cleanly, mib, parse_bytes, par
 @click.option("--out", "out_dir", type=click.Path(), default="saliency_out", show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE (e.g. n=50, steps=32).")
-@click.option("--composite", default=None, help="LRP composite (see `onnx-saliency rules --help`).")
+@click.option("--composite", cls=CompositeOption, default=None,
+              help="LRP composite for lrp and the LRP-based methods (the rule of every node: `onnx-saliency rules "
+              "MODEL --composite NAME`).")
 @click.option("--rule-map", type=click.Path(), default=None, help="LRP rule map file (JSON) mapping nodes to rules.")
 @click.option("--resume", is_flag=True, help="Skip images whose outputs (png, npy, json) for every method already "
               "exist and are valid; redo the rest.")

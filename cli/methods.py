@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import inspect
+import shutil
+import textwrap
+
 import click
+
+
+def _summary(cls) -> str:
+    """The docstring's first paragraph, on one line: the whole description, never its first line alone."""
+    return " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split())
 
 
 @click.command("methods")
 def list_methods():
-    """List the available methods."""
-    from onnx_saliency.methods import METHODS
+    """List the available methods: name, what they explain at (a layer or the input pixels), description."""
+    from onnx_saliency.methods import ALIASES, METHODS
 
+    width = max(map(len, METHODS)) + 2
+    indent = " " * (width + 7)
+    columns = max(80, shutil.get_terminal_size((100, 24)).columns)
     for name in sorted(METHODS):
         cls = METHODS[name]
-        doc = (cls.__doc__ or "").strip().splitlines()
-        click.echo(f"{name:24s} {'layer' if cls.uses_layer else 'pixel'}  {doc[0] if doc else ''}")
+        head = f"{name:<{width}}{'layer' if cls.uses_layer else 'pixel'}  "
+        lines = textwrap.wrap(_summary(cls), columns - len(indent), break_on_hyphens=False) or [""]
+        click.echo(head + lines[0])
+        for line in lines[1:]:
+            click.echo(indent + line)
+    click.echo("")
+    aliases = ", ".join(f"{alias} = {name}" for alias, name in sorted(ALIASES.items()))
+    click.echo("\n".join(textwrap.wrap(f"aliases: {aliases}; METHOD+ge puts Gradual Extrapolation on any layer "
+                                       "method's map (e.g. gradcam+ge).", columns, subsequent_indent="  ")))

@@ -6,12 +6,13 @@ import click
 
 from onnx_saliency.errors import SaliencyError
 
-from .common import echo_rewrite_report, explainer_from_options, fail_cleanly, with_model_options
+from .common import CompositeOption, echo_rewrite_report, explainer_from_options, fail_cleanly, with_model_options
 
 
 @click.command()
 @click.argument("model", type=click.Path())
-@click.option("--composite", default="epsilon-plus-flat", show_default=True)
+@click.option("--composite", cls=CompositeOption, default="epsilon-plus-flat", show_default=True,
+              help="LRP composite: which rule each kind of layer gets.")
 @click.option("--rule-map", type=click.Path(), default=None, help="JSON rule map (overrides --composite).")
 @click.option("--report", is_flag=True, help="Also print what canonicalisation did, node by node.")
 @with_model_options

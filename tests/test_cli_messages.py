@@ -77,3 +77,45 @@ def test_a_failing_run_is_reported_once(tmp_path, images):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: onnxruntime failed on fixed.onnx"), done.stderr
+
+
+def test_methods_are_aligned_and_described_in_whole_sentences():
+    import inspect
+
+    from onnx_saliency.methods import METHODS
+
+    code, text = _run("methods")
+    assert code == 0
+    lines = [line for line in text.splitlines() if line.strip()]
+    width = max(map(len, METHODS)) + 2
+    described = {}
+    current = None
+    for line in lines:
+        if line.startswith("aliases:") or line.startswith("  "):
+            if current is not None and line.startswith(" " * width + " " * 7):  # a wrapped description
+                described[current] += " " + line.strip()
+                continue
+            current = None
+            continue
+        name = line.split()[0]
+        assert name in METHODS, line
+        assert line[width:width + 5] in ("layer", "pixel") and line[width - 1] == " ", line  # one column
+        described[name] = line[width + 7:].strip()
+        current = name
+    assert set(described) == set(METHODS)
+    for name, text in described.items():
+        first = " ".join(inspect.cleandoc(METHODS[name].__doc__).split("\n\n")[0].split())
+        assert text == first, name
+        assert text.endswith((".", ")")), (name, text)  # never cut mid-sentence
+    assert "rule" in described["lrp"] and "relevance" in described["lrp"]
+
+
+def test_the_composites_are_listed_where_explain_points():
+    from onnx_saliency.lrp import COMPOSITES
+
+    code, text = _run("explain", "--help")
+    assert "--composite" in text
+    code, rules_help = _run("rules", "--help")
+    flat = " ".join(rules_help.split())
+    for name in COMPOSITES:
+        assert name in flat, name

@@ -10,8 +10,11 @@ from .base import Method, Request, Result
 
 
 class LRP(Method):
-    """Options: composite (default epsilon-plus-flat), rule_map (JSON/YAML file), init (logit | one |
-    contrastive | sglrp), low/high (z^B bounds; default from the model's preprocessing)."""
+    """Bach et al. layer-wise relevance propagation: signed relevance at the input, with a rule per layer from a
+    composite (default epsilon-plus-flat; the list is in `onnx-saliency rules --help`) or a rule-map file.
+
+    Options: composite, rule_map (JSON/YAML file), init (logit | one | contrastive | sglrp), low/high (z^B
+    bounds; default from the model's preprocessing)."""
 
     name = "lrp"
     uses_layer = False
