@@ -71,7 +71,7 @@ BAD_CASES = {
     "truncated": lambda tmp, m, imgs: ([tmp / "cut.onnx", imgs], "not a readable ONNX model"),
     "missing_image": lambda tmp, m, imgs: ([m, tmp / "nope.png"], "nope.png: no such image file or folder"),
     "unknown_method": lambda tmp, m, imgs: ([m, imgs, "-m", "magic"], "unknown method"),
-    "bad_layer": lambda tmp, m, imgs: ([m, imgs, "--layer", "zzz"], "--layer 'zzz': no such tensor or node"),
+    "bad_layer": lambda tmp, m, imgs: ([m, imgs, "--layer", "zzz"], "--layer 'zzz': no such tensor, node or module"),
     "bad_target": lambda tmp, m, imgs: ([m, imgs, "--target", "99"], "--target 99: class index out of range"),
 }  # a bad image is skipped, not fatal: tests/test_bad_inputs.py and tests/test_batch.py
 

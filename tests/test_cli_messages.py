@@ -1,6 +1,7 @@
 """What the commands print besides results: nothing from onnxruntime itself, one line per error, aligned and
 whole method descriptions, help that leads somewhere, and torch module paths for dynamo exports."""
 
+import json
 import subprocess
 import sys
 
@@ -119,3 +120,79 @@ def test_the_composites_are_listed_where_explain_points():
     flat = " ".join(rules_help.split())
     for name in COMPOSITES:
         assert name in flat, name
+
+
+SCOPES = {"conv1": "['', 'features', 'features.0', 'conv2d']", "relu1": "['', 'features', 'features.act', 'relu']",
+          "pool": "['', 'features', 'features.pool', 'max_pool2d']",
+          "conv2": "['', 'features', 'features.2', 'conv2d_1']",
+          "relu2": "['', 'features', 'features.act', 'relu_1']", "gap": "['', 'mean']",
+          "fc": "['', 'head', 'linear']"}
+
+
+def _dynamo_like(path):
+    """tiny_classifier with the node metadata torch's dynamo exporter writes; one ReLU module called twice."""
+    tiny_classifier(path)
+    m = onnx.load(str(path))
+    for node in m.graph.node:
+        if node.name in SCOPES:
+            node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=SCOPES[node.name])
+            node.name = {"conv1": "node_conv2d", "relu1": "node_relu", "conv2": "node_conv2d_1",
+                         "relu2": "node_relu_1"}.get(node.name, node.name)
+    onnx.save(m, str(path))
+    return path
+
+
+def test_module_paths_of_dynamo_exports_in_layers_sidecars_and_layer_specs(tmp_path, images):
+    from onnx_saliency import Explainer
+
+    path = _dynamo_like(tmp_path / "dynamo_like.onnx")
+    code, text = _run("layers", path)
+    assert code == 0, text
+    rows = [line.split("\t") for line in text.strip().splitlines()]
+    assert rows[0] == ["tensor", "node", "op", "shape", "module"]
+    modules = {r[1]: r[4] for r in rows[1:]}
+    assert modules["node_conv2d"] == "features.0" and modules["node_relu_1"] == "features.act"
+    ex = Explainer(path)
+    assert ex.resolve_layer("features.2") == "c2"
+    assert ex.resolve_layer("features.act") == "a2"  # a module called twice: its last call, as a torch hook sees
+    assert ex.resolve_layer("features") == "a2"      # a container: its last spatial output
+    out = tmp_path / "out"
+    code, text = _run("explain", path, images, "--layer", "features.act", "--out", out)
+    assert code == 0, text
+    meta = json.loads((out / "img0" / "gradcam.json").read_text())
+    assert meta["layers"] == ["a2"] and meta["layer_modules"] == ["features.act"]
+    code, text = _run("explain", path, images, "--layer", "nothere.relu", "--out", out)
+    assert code == 2 and "no such tensor, node or module" in text
+
+
+@pytest.mark.parity
+def test_module_paths_of_a_real_dynamo_export(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    import contextlib
+    import io
+    import warnings
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                                torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU())
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.features(x).mean((2, 3)))
+
+    path = tmp_path / "net.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Net().eval(), (torch.randn(1, 3, 12, 12),), str(path), dynamo=True)
+    code, text = _run("layers", path, "--preset", "raw")
+    assert code == 0, text
+    rows = [line.split("\t") for line in text.strip().splitlines()]
+    assert rows[0][4] == "module"
+    assert [r[4] for r in rows[1:]] == ["features.0", "features.1", "features.2", "features.3"]
+    from onnx_saliency import Explainer
+
+    ex = Explainer(path, preset="raw")
+    assert ex.resolve_layer("features.2") == rows[3][0] and ex.resolve_layer("features") == rows[4][0]

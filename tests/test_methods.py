@@ -167,5 +167,5 @@ def test_layers_listing(net):
     names = [l.tensor for l in ex.layers()]
     assert names == ["conv", "feat"] and ex.resolve_layer("auto") == "feat"
     assert ex.resolve_layer("relu") == "feat" and ex.resolve_layer("-2") == "conv"
-    with pytest.raises(SaliencyError, match="--layer 'nope': no such tensor or node"):
+    with pytest.raises(SaliencyError, match="--layer 'nope': no such tensor, node or module"):
         ex.resolve_layer("nope")

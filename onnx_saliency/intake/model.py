@@ -40,6 +40,7 @@ class LoadedModel:
     metadata: dict = field(default_factory=dict)
     labels: list | None = None
     batch: int | None = None   # the image input's static batch (plain torch exports: 1); None where dynamic
+    module_cache: dict | None = field(default=None, repr=False, compare=False)  # layers.module_paths
 
     def label(self, index: int) -> str:
         if self.labels and 0 <= index < len(self.labels):

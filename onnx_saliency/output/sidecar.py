@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..intake.layers import module_of_tensor
 from .postprocess import colorize, colorize_signed, minmax, overlay
 from .writers import write_json, write_npy, write_png
 
@@ -54,6 +55,7 @@ def sidecar(explainer, result, index: int, image: Path, options: dict) -> dict:
         "image": str(image),
         "model": str(m.path), "model_sha256": m.sha256,
         "method": result.method, "layers": result.layers,
+        "layer_modules": [module_of_tensor(m, t) for t in result.layers],  # torch module paths (dynamo exports)
         "target": {"class": target, "label": m.label(target), "score": float(result.scores[index])},
         "map": {"shape": list(flat.shape), "min": float(flat.min()), "max": float(flat.max()),
                 "signed": bool(result.signed), "constant": bool(np.ptp(flat) == 0),
