@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import expand_images, fail_cleanly, parse_options
+from .common import expand_images, fail_cleanly, parse_options, progress, quiet_option
 
 
 @click.command("audit")
@@ -29,13 +29,14 @@ from .common import expand_images, fail_cleanly, parse_options
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
 @click.option("--report", is_flag=True, help="Also print what canonicalisation did to each model, node by node.")
+@quiet_option
 @fail_cleanly
 def audit(model_a, model_b, images, methods, preset_a, preset_b, layer, tolerance_pairs, option_pairs, out_dir,
-          batch_size, provider, threads, report):
+          batch_size, provider, threads, report, quiet):
     """Compare MODEL_A and MODEL_B on IMAGES: predictions, layers side by side, and explanations.
 
     Exit code 0 when they agree within the tolerances, 1 when they do not (2 for usage errors)."""
-    from onnx_saliency.audit.compare import Tolerances
+    from onnx_saliency.audit.compare import Tolerances, progress_units
     from onnx_saliency.audit.compare import audit as run_audit
     from onnx_saliency.audit.report import table_lines, write_audit
     from onnx_saliency.errors import SaliencyError
@@ -48,9 +49,10 @@ def audit(model_a, model_b, images, methods, preset_a, preset_b, layer, toleranc
     for m in methods:
         get_method(m)  # unknown methods fail before any model is loaded
     paths = expand_images(images)
-    result = run_audit(model_a, model_b, paths, methods, preset_a=preset_a, preset_b=preset_b, layer=layer,
-                       tolerances=tol, options=parse_options(option_pairs), batch_size=batch_size,
-                       provider=provider, threads=threads)
+    with progress(progress_units(methods), "auditing", quiet) as bar:
+        result = run_audit(model_a, model_b, paths, methods, preset_a=preset_a, preset_b=preset_b, layer=layer,
+                           tolerances=tol, options=parse_options(option_pairs), batch_size=batch_size,
+                           provider=provider, threads=threads, progress=bar.update)
     if report:
         for key in ("a", "b"):
             for line in result.models[key]["rewrite"]:

@@ -3,6 +3,7 @@ KEY=VALUE options on the command line, byte sizes and memory figures. No command
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -164,3 +165,42 @@ def echo_rewrite_report(loaded, label: str = "rewrite") -> None:
     """What canonicalisation did to the model, node by node (the --report of every command)."""
     for line in loaded.report.lines():
         click.echo(f"{label}  {line}")
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True,
+                            help="No progress bar and no notes on stderr (warnings and errors still print).")
+
+
+class Progress:
+    """A progress bar on stderr, drawn only on a terminal and not under --quiet: in pipes, logs and CI it would
+    be noise. `update(n)` counts work done; `echo(line)` prints a line to stderr without tearing the bar."""
+
+    def __init__(self, bar=None):
+        self._bar = bar
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None and n:
+            self._bar.update(n)
+
+    def echo(self, line: str) -> None:
+        if self._bar is not None:
+            click.echo("\r\x1b[K", nl=False, err=True)  # clear the bar's line; it redraws on the next update
+        click.echo(line, err=True)
+        if self._bar is not None:
+            self._bar.render_progress()
+
+
+@contextlib.contextmanager
+def progress(length: int, label: str, quiet: bool = False):
+    if quiet or length < 1 or not sys.stderr.isatty():
+        yield Progress()
+        return
+    with click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True,
+                           show_percent=True) as bar:
+        yield Progress(bar)
+
+
+def note(text: str, quiet: bool = False) -> None:
+    """An informational line on stderr (what was assumed, what was done), silenced by --quiet."""
+    if not quiet:
+        click.echo(f"note: {text}", err=True)

@@ -8,7 +8,8 @@ import click
 
 from onnx_saliency.errors import SaliencyError
 
-from .common import (explainer_from_options, fail_cleanly, parse_options, parse_target, split_model_and_images, with_model_options)
+from .common import (explainer_from_options, fail_cleanly, parse_options, parse_target, progress, quiet_option,
+                     split_model_and_images, with_model_options)
 
 
 
@@ -33,14 +34,19 @@ def _panel(rgb, height: int):
 @click.option("--size", type=int, default=224, show_default=True, help="Height of each panel in pixels.")
 @click.option("--cols", type=int, default=None, help="Panels per row (default: all in one row).")
 @click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE, passed to every method.")
+@quiet_option
 @with_model_options
 @fail_cleanly
-def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs, **model_kw):
-    """[MODEL] IMAGE: the image and every requested method's overlay side by side in one PNG."""
+def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs, quiet, **model_kw):
+    """[MODEL] IMAGE: the image and every requested method's overlay side by side in one PNG.
+
+    A method that fails is reported (one `error:` line) and left out; the others are drawn and the exit
+    status is 1."""
     from onnx_saliency.methods import get_method
     from onnx_saliency.output.postprocess import grid
     from onnx_saliency.intake.preprocess import load_image
     from onnx_saliency.output.sidecar import picture
+    from onnx_saliency.output.batch import PartialFailure, method_error
     from onnx_saliency.output.writers import write_png
 
     if size < 8:
@@ -57,19 +63,35 @@ def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs,
     for spec in layer_spec:
         ex.resolve_layer(spec)
     picture_in = load_image(images[0])
-    panels, titles = [], []
-    display = None
-    for spelled, m in zip(methods, method_objs):
-        result = ex.explain([picture_in], method=m.name, layer=layer_spec if len(layer_spec) > 1 else layer_spec[0],
-                            target=parse_target(target), **options)
-        display = result.display[0]
-        t = int(result.targets[0])
-        panels.append(_panel(picture(display, result.maps[0], result.signed), size))
-        titles.append(f"{spelled}: {ex.model.label(t)} {float(result.scores[0]):.3g}")
-    panels.insert(0, _panel(display, size))
-    titles.insert(0, Path(images[0]).name)
-    canvas = grid(panels, titles, cols=cols or len(panels))
-    write_png(out_path, canvas)
-    click.echo(f"wrote {out_path} ({len(method_objs)} method(s), layer {', '.join(layer_spec)})")
+    display = ex.prepare([picture_in])[1][0]
+    targets = ex.targets(parse_target(target), 1)
+    panels, titles, failed = [], [], []
+    with progress(len(method_objs), "comparing", quiet) as bar:
+        for spelled, m in zip(methods, method_objs):
+            try:
+                result = ex.explain([picture_in], method=m.name,
+                                    layer=layer_spec if len(layer_spec) > 1 else layer_spec[0], target=targets,
+                                    **options)
+            except Exception as err:  # noqa: BLE001 - one method's failure must not cost the other panels
+                failed.append(spelled)
+                reason = method_error(err)
+                where = f"{images[0]}: " + ("" if reason.startswith(f"-m {m.name}:") else f"-m {spelled}: ")
+                bar.echo(f"error: {where}{reason}")
+                bar.update(1)
+                continue
+            t = int(result.targets[0])
+            panels.append(_panel(picture(display, result.maps[0], result.signed), size))
+            titles.append(f"{spelled}: {ex.model.label(t)} {float(result.scores[0]):.3g}")
+            bar.update(1)
+    if panels:
+        panels.insert(0, _panel(display, size))
+        titles.insert(0, Path(images[0]).name)
+        canvas = grid(panels, titles, cols=cols or len(panels))
+        write_png(out_path, canvas)
+        lost = f"; {', '.join(failed)} failed" if failed else ""
+        click.echo(f"wrote {out_path} ({len(panels) - 1} method(s), layer {', '.join(layer_spec)}{lost})")
+    if failed:
+        raise PartialFailure(f"{len(failed)} of {len(methods)} method(s) failed: {', '.join(failed)}"
+                             + ("" if panels else "; nothing written"))
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from onnx_saliency.errors import SaliencyError
 
-from .common import (explainer_from_options, fail_cleanly, parse_options, parse_target, split_model_and_images, with_model_options)
+from .common import (explainer_from_options, fail_cleanly, parse_options, parse_target, progress, quiet_option,
+                     split_model_and_images, with_model_options)
 
 
 
@@ -43,12 +43,16 @@ from .common import (explainer_from_options, fail_cleanly, parse_options, parse_
 @click.option("--sanity-images", type=int, default=None, help="Use only the first N images for sanity checks.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE (e.g. n=50, steps=32).")
+@quiet_option
 @with_model_options
 @fail_cleanly
 def evaluate(inputs, methods, metrics, annotations, out_dir, layers, target, batch_size, metric_batch_size, step,
              deletion_baseline, insertion_baseline, ad_variant, tolerance, threshold, sanity_steps, sanity_images,
-             seed, option_pairs, **model_kw):
-    """Score METHODS on IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model)."""
+             seed, option_pairs, quiet, **model_kw):
+    """Score METHODS on IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model).
+
+    A method that fails is reported (`error:` lines naming the images and the method) and left out; the
+    others are scored and written, and the exit status is 1."""
     from onnx_saliency.evaluation.annotations import load_annotations
     from onnx_saliency.evaluation.runner import DEFAULT_METRICS, LOCALIZATION_METRICS, METRICS, Settings, evaluate as run, \
         sanity_step_count, settings_lines
@@ -79,8 +83,9 @@ def evaluate(inputs, methods, metrics, annotations, out_dir, layers, target, bat
     ex = explainer_from_options(model, **model_kw)
     n_sanity = min(len(images), sanity_images if sanity_images is not None else len(images))
     total = len(images) * len(methods) + (sanity_step_count(ex, settings, chosen) * len(methods) if n_sanity else 0)
-    with click.progressbar(length=total, label="evaluating", file=sys.stderr, hidden=total < 2) as bar:
-        result = run(ex, images, list(methods), chosen, ann, annotations, settings, progress=bar.update)
+    with progress(total, "evaluating", quiet) as bar:
+        result = run(ex, images, list(methods), chosen, ann, annotations, settings, progress=bar.update,
+                     on_failure=lambda line: bar.echo(f"error: {line}"))
     click.echo(f"model {Path(model).name}, {len(images)} image(s), preprocessing preset={ex.preprocessing.preset} "
                f"resize={ex.preprocessing.resize} crop={ex.preprocessing.crop}")
     click.echo(format_table(result))
@@ -88,5 +93,12 @@ def evaluate(inputs, methods, metrics, annotations, out_dir, layers, target, bat
         click.echo(f"  {line}")
     written = write_evaluation(result, Path(out_dir))
     click.echo(f"wrote {len(written)} file(s) to {out_dir}")
+    if result.failed:
+        from onnx_saliency.output.batch import PartialFailure
+
+        # keys: a method (left out entirely) or "method sanity-mode" (only that check's cells are empty)
+        raise PartialFailure("; ".join(f"-m {key} failed; its cells are empty" if " " in key
+                                       else f"-m {key} failed and is left out of the evaluation"
+                                       for key in result.failed))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -10,7 +9,8 @@ import click
 from onnx_saliency.errors import SaliencyError
 
 from .common import (CompositeOption, explainer_from_options, fail_cleanly, mib, parse_bytes, parse_options,
-                     parse_target, peak_rss_bytes, split_model_and_images, with_model_options)
+                     parse_target, peak_rss_bytes, progress, quiet_option, split_model_and_images,
+                     with_model_options)
 
 
 @click.command()
@@ -48,16 +48,18 @@ from .common import (CompositeOption, explainer_from_options, fail_cleanly, mib,
               help="[ray] files: png/npy/json per image as the local engine (default); parquet: a sharded dataset.")
 @click.option("--shard-size", type=int, default=None, help="[ray] Images per shard: one actor call, one "
               "Parquet file (default max(64, --batch-size)).")
+@quiet_option
 @with_model_options
 @fail_cleanly
 def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, composite, rule_map, resume,
             max_pixels, memory_budget, report, engine, address, actors, cpus_per_actor, gpus_per_actor, fmt,
-            shard_size, **model_kw):
+            shard_size, quiet, **model_kw):
     """Explain IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model).
 
-    A bad image is reported on stderr (one line naming it) and skipped; the others are written. Exit
-    status: 0 every image explained (or already complete with --resume); 1 some images failed (each
-    reported, then a summary line listing them; all others written); 2 a usage, option or model error,
+    A bad image is reported on stderr (one line naming it) and skipped; the others are written. A method
+    that fails on an image is reported (one line naming the image and the method); the other methods are
+    written. Exit status: 0 every image explained (or already complete with --resume); 1 some images or
+    methods failed (each reported, then a summary line listing them; all others written); 2 a usage, option or model error,
     found before any image is processed (nothing written), or an output that cannot be written (the run
     stops there); 130 interrupted. Outputs are whole files or absent: rerun with --resume to finish.
     """
@@ -107,15 +109,14 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     targets = ex.targets(parse_target(target), len(images))
     if engine == "ray":
         return _explain_on_ray(ex, images, method_objs, layer_spec, parse_target(target), out, batch_size, options,
-                               max_pixels, resume, report, scale)
+                               max_pixels, resume, report, scale, quiet)
 
     total = len(images) * len(method_objs)
-    hidden = total < 2 or not sys.stderr.isatty()  # in logs and CI a progress bar is noise
-    with click.progressbar(length=len(images), label="explaining", file=sys.stderr, hidden=hidden) as bar:
+    with progress(total, "explaining", quiet) as bar:
         outcome = explain_images(ex, images, [m.name for m in method_objs], out,
                                  layer=layer_spec if len(layer_spec) > 1 else layer_spec[0], targets=targets,
                                  batch_size=batch_size, options=options, max_pixels=max_pixels or MAX_PIXELS,
-                                 resume=resume, on_failure=lambda line: click.echo(f"error: {line}", err=True),
+                                 resume=resume, on_failure=lambda line: bar.echo(f"error: {line}"),
                                  on_progress=bar.update)
     for image, method, value in outcome.constant:
         click.echo(f"warning: {image}: the {method} map is constant ({value:g}); saved as is, not normalised")
@@ -132,25 +133,28 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
         click.echo(f"memory  peak resident {mib(peak)} (getrusage ru_maxrss)" if peak is not None
                    else "memory  peak resident unknown on this platform")
     resumed = f"; {len(outcome.resumed)} already complete (--resume)" if outcome.resumed else ""
-    click.echo(f"wrote {len(outcome.written)} image(s) x {len(method_objs)} method(s) to {out}{resumed}")
+    if outcome.partial:  # some images lost some methods: count outputs, not images
+        click.echo(f"wrote {outcome.outputs} of {total} output(s) ({len(images)} image(s) x {len(method_objs)} "
+                   f"method(s)) to {out}{resumed}")
+    else:
+        click.echo(f"wrote {len(outcome.written)} image(s) x {len(method_objs)} method(s) to {out}{resumed}")
     outcome.raise_for_failures(len(images))
 
 
 def _explain_on_ray(ex, images, method_objs, layer_spec, target, out, batch_size, options, max_pixels, resume,
-                    report, scale):
+                    report, scale, quiet=False):
     """`--engine ray`: the same outputs, written by Ray Data actors (onnx_saliency.scale)."""
     from onnx_saliency.intake.preprocess import MAX_PIXELS
     from onnx_saliency.scale import explain_dataset
 
-    hidden = len(images) < 2 or not sys.stderr.isatty()
-    with click.progressbar(length=len(images), label="explaining", file=sys.stderr, hidden=hidden) as bar:
+    with progress(len(images), "explaining", quiet) as bar:  # explain_dataset counts images
         outcome = explain_dataset(
             images, ex, [m.name for m in method_objs], layer=layer_spec if len(layer_spec) > 1 else layer_spec[0],
             target=target, out=out, fmt=scale["--format"] or "files", actors=scale["--actors"],
             cpus_per_actor=_given(scale["--cpus-per-actor"], 1), gpus_per_actor=_given(scale["--gpus-per-actor"], 0),
             batch_size=batch_size, shard_size=scale["--shard-size"], options=options,
             provider=ex.engine.provider, max_pixels=max_pixels or MAX_PIXELS, resume=resume,
-            address=scale["--address"], on_failure=lambda line: click.echo(f"error: {line}", err=True),
+            address=scale["--address"], on_failure=lambda line: bar.echo(f"error: {line}"),
             on_progress=bar.update)
     for image, method, value in outcome.constant:
         click.echo(f"warning: {image}: the {method} map is constant ({value:g}); saved as is, not normalised")

@@ -264,7 +264,10 @@ class AuditResult:
 
 def audit(path_a, path_b, images, methods=("gradcam",), *, preset_a=None, preset_b=None, layer="auto",
           tolerances: Tolerances | None = None, options: dict | None = None, batch_size: int = 16,
-          provider: str = "cpu", threads: int | None = None) -> AuditResult:
+          provider: str = "cpu", threads: int | None = None, progress=None) -> AuditResult:
+    """`progress(units)` hears of the work done: one unit for the predictions, one for the layer-by-layer
+    structure, one per method (:func:`progress_units` in all)."""
+    step = progress or (lambda n: None)
     tol = tolerances or Tolerances()
     options = dict(options or {})
     method_objs = [get_method(m) for m in methods]
@@ -290,9 +293,11 @@ def audit(path_a, path_b, images, methods=("gradcam",), *, preset_a=None, preset
         predictions=_predictions(names, logits_a, logits_b, ma, mb), pairs=[], unmatched_b=[], explanations={},
         display=display)
     _check_predictions(result, logits_a, logits_b)
+    step(1)
 
     pairs, unmatched_b = _structure(ex_a, ex_b, x_a, x_b, targets, batch_size)
     result.pairs, result.unmatched_b, result.layer_images = pairs, unmatched_b, min(len(x_a), LAYER_IMAGES)
+    step(1)
     for p in pairs:
         why = p.diverges(tol)
         if why and result.first_diverging is None:
@@ -330,7 +335,13 @@ def audit(path_a, path_b, images, methods=("gradcam",), *, preset_a=None, preset
                 limit = getattr(tol, "iou" if key == "iou_top10" else key)
                 if limit > 0 and r[key] is not None and r[key] < limit:
                     result.failures.append(f"{m.name} on {r['image']}: {key} {r[key]:.4f} < {limit:g}")
+        step(1)
     return result
+
+
+def progress_units(methods) -> int:
+    """How many units :func:`audit` reports to `progress`."""
+    return 2 + len(methods)
 
 
 def _describe(m) -> dict:

@@ -98,7 +98,7 @@ def _json(evaluation: Evaluation) -> dict:
         "methods": evaluation.methods, "metrics": evaluation.metrics, "settings": evaluation.settings.describe(),
         "preprocessing": evaluation.preprocessing, "notes": settings_lines(evaluation),
         "summary": summary(evaluation), "per_image": evaluation.rows, "curves": curves, "sanity": sanity,
-        "versions": versions(),
+        "failed": evaluation.failed, "versions": versions(),
     })
 
 

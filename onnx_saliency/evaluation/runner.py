@@ -17,6 +17,7 @@ from .annotations import ImageAnnotation, find
 from ..errors import SaliencyError
 from ..methods import get_method
 from ..methods.base import Request
+from ..output.batch import method_error
 from ..intake.preprocess import input_bounds, load_image
 from .sanity import SanityResult, randomization_test
 
@@ -81,6 +82,7 @@ class Evaluation:
     curves: dict = field(default_factory=dict)         # method -> kind -> Curve over all images
     sanity: dict = field(default_factory=dict)         # method -> mode -> SanityResult
     sanity_display: np.ndarray | None = None           # display image of the first sanity image
+    failed: dict = field(default_factory=dict)         # method -> "image: reason"; left out of everything
 
     @property
     def columns(self) -> list[str]:
@@ -109,9 +111,13 @@ def _targets(explainer, spec, pictures_n: int, annotated: list[ImageAnnotation |
 
 def evaluate(explainer, images: list[Path], methods: list[str], metrics: list[str],
              annotations: dict[str, ImageAnnotation] | None = None, annotations_source=None,
-             settings: Settings | None = None, progress=None) -> Evaluation:
+             settings: Settings | None = None, progress=None, on_failure=None) -> Evaluation:
     """Explain every image with every method and compute `metrics`; `progress(units)` reports work done
-    (one unit per image and method, plus one per sanity step and method)."""
+    (one unit per image and method, plus one per sanity step and method).
+
+    A method that fails (it cannot run on these images, NaN/Inf, out of memory) is left out of the whole
+    evaluation, so that every number in the table covers the same images; `on_failure(line)` hears of it once
+    per image of the batch it failed on, and :attr:`Evaluation.failed` keeps the reason."""
     s = settings or Settings()
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -127,66 +133,95 @@ def evaluate(explainer, images: list[Path], methods: list[str], metrics: list[st
     pictures = [load_image(p) for p in images]
     targets_all = _targets(explainer, s.target, len(images), annotated, [p.name for p in images])
     pre = explainer.preprocessing
-    pixel_zero = input_bounds(pre)[0]
     rows: list[dict] = []
     curve_parts: dict = {m.name: {} for m in method_objs}
     sanity_inputs: dict = {}
-    label = explainer.model.label
+    failed: dict[str, str] = {}
     for start in range(0, len(images), s.batch_size):
         chunk = list(range(start, min(start + s.batch_size, len(images))))
         x, _ = explainer.prepare([pictures[i] for i in chunk])
         for m in method_objs:
-            req = Request(explainer.engine, x, targets_all[chunk], layer_names if m.uses_layer else [],
-                          dict(s.options), s.batch_size)
-            result = m.explain(req)
-            maps, targets = result.maps, np.asarray(result.targets, np.int64)
-            values: dict[str, np.ndarray] = {}
-            flat = M.constant_maps(maps)
-            kinds = [k for k in ("deletion", "insertion") if k in metrics]
-            if kinds:
-                curves = M.perturbation_curves(explainer.engine, x, maps, targets, kinds, s.step,
-                                               s.deletion_baseline, s.insertion_baseline, s.metric_batch_size)
-                for kind, curve in curves.items():
-                    values[f"{kind}_auc"] = curve.auc
-                    curve_parts[m.name].setdefault(kind, []).append(curve)
-            if "average-drop" in metrics or "increase-confidence" in metrics:
-                cc = M.confidence_change(explainer.engine, x, maps, targets, s.ad_variant, s.ad_keep, s.ad_space,
-                                         pixel_zero, s.metric_batch_size)
-                values["average_drop"], values["increase_confidence"] = cc["average_drop"], cc["increase_confidence"]
-            regions = None
-            if annotations is not None:
-                regions = [annotated[i].regions(int(t), pictures[i].shape[:2], pre) for i, t in zip(chunk, targets)]
-                if "pointing-game" in metrics:
-                    values["pointing_game"] = M.pointing_game(maps, regions, s.tolerance) * 100
-                if "energy-pointing-game" in metrics:
-                    values["energy_pointing_game"] = M.energy_pointing_game(maps, regions)
-                if "localization" in metrics:
-                    iou, _ = M.localization(maps, regions, s.threshold)
-                    values["localization_iou"], values["localization_correct"] = iou, (iou >= 0.5) * 100.0
-            for row, i in enumerate(chunk):
-                entry = {"image": images[i].name, "method": m.name, "target": int(targets[row]),
-                         "label": label(int(targets[row])), "score": float(result.scores[row]),
-                         "constant_map": bool(flat[row])}
-                if regions is not None:
-                    entry["annotated_class_matched"] = bool(regions[row].matched)
-                entry.update({k: float(v[row]) for k, v in values.items()})
-                rows.append(entry)
-            if any(mm.startswith("sanity") for mm in metrics):
-                limit = len(images) if s.sanity_images is None else s.sanity_images
-                keep = [r for r, i in enumerate(chunk) if i < limit]
-                if keep:
-                    part = sanity_inputs.setdefault(m.name, {"x": [], "targets": [], "index": []})
-                    part["x"].append(x[keep])
-                    part["targets"].append(targets[keep])
-                    part["index"] += [chunk[r] for r in keep]
+            if m.name in failed:
+                if progress is not None:
+                    progress(len(chunk))
+                continue
+            try:
+                rows += _score_chunk(explainer, m, x, chunk, images, pictures, targets_all, layer_names, metrics,
+                                     annotations, annotated, s, curve_parts, sanity_inputs)
+            except Exception as err:  # noqa: BLE001 - one method's failure must not cost the others' numbers
+                reason = method_error(err)
+                failed[m.name] = f"{images[chunk[0]]}: {reason}"
+                for i in chunk:
+                    if on_failure is not None:
+                        on_failure(f"{images[i]}: " + (reason if reason.startswith(f"-m {m.name}:")
+                                                       else f"-m {m.name}: {reason}"))
+                rows = [r for r in rows if r["method"] != m.name]
+                curve_parts.pop(m.name, None)
+                sanity_inputs.pop(m.name, None)
             if progress is not None:
                 progress(len(chunk))
+    method_objs = [m for m in method_objs if m.name not in failed]
     evaluation = Evaluation(str(explainer.model.path), explainer.model.sha256, [p.name for p in images],
-                            [m.name for m in method_objs], list(metrics), s, dataclasses.asdict(pre), rows)
+                            [m.name for m in method_objs], list(metrics), s, dataclasses.asdict(pre), rows,
+                            failed=failed)
     evaluation.curves = {name: {kind: _join(parts) for kind, parts in kinds.items()}
                          for name, kinds in curve_parts.items() if kinds}
-    _run_sanity(evaluation, explainer, method_objs, layer_names, sanity_inputs, pictures, progress)
+    _run_sanity(evaluation, explainer, method_objs, layer_names, sanity_inputs, pictures, progress, on_failure)
     return evaluation
+
+
+def _score_chunk(explainer, m, x, chunk, images, pictures, targets_all, layer_names, metrics, annotations,
+                 annotated, s, curve_parts, sanity_inputs) -> list[dict]:
+    """One method on one batch of images: its maps, every chosen metric, the rows; curves and sanity inputs
+    are kept aside in `curve_parts` and `sanity_inputs`."""
+    pre = explainer.preprocessing
+    pixel_zero = input_bounds(pre)[0]
+    label = explainer.model.label
+    rows = []
+    req = Request(explainer.engine, x, targets_all[chunk], layer_names if m.uses_layer else [],
+                  dict(s.options), s.batch_size)
+    result = m.explain(req)
+    maps, targets = result.maps, np.asarray(result.targets, np.int64)
+    values: dict[str, np.ndarray] = {}
+    flat = M.constant_maps(maps)
+    kinds = [k for k in ("deletion", "insertion") if k in metrics]
+    if kinds:
+        curves = M.perturbation_curves(explainer.engine, x, maps, targets, kinds, s.step,
+                                       s.deletion_baseline, s.insertion_baseline, s.metric_batch_size)
+        for kind, curve in curves.items():
+            values[f"{kind}_auc"] = curve.auc
+            curve_parts[m.name].setdefault(kind, []).append(curve)
+    if "average-drop" in metrics or "increase-confidence" in metrics:
+        cc = M.confidence_change(explainer.engine, x, maps, targets, s.ad_variant, s.ad_keep, s.ad_space,
+                                 pixel_zero, s.metric_batch_size)
+        values["average_drop"], values["increase_confidence"] = cc["average_drop"], cc["increase_confidence"]
+    regions = None
+    if annotations is not None:
+        regions = [annotated[i].regions(int(t), pictures[i].shape[:2], pre) for i, t in zip(chunk, targets)]
+        if "pointing-game" in metrics:
+            values["pointing_game"] = M.pointing_game(maps, regions, s.tolerance) * 100
+        if "energy-pointing-game" in metrics:
+            values["energy_pointing_game"] = M.energy_pointing_game(maps, regions)
+        if "localization" in metrics:
+            iou, _ = M.localization(maps, regions, s.threshold)
+            values["localization_iou"], values["localization_correct"] = iou, (iou >= 0.5) * 100.0
+    for row, i in enumerate(chunk):
+        entry = {"image": images[i].name, "method": m.name, "target": int(targets[row]),
+                 "label": label(int(targets[row])), "score": float(result.scores[row]),
+                 "constant_map": bool(flat[row])}
+        if regions is not None:
+            entry["annotated_class_matched"] = bool(regions[row].matched)
+        entry.update({k: float(v[row]) for k, v in values.items()})
+        rows.append(entry)
+    if any(mm.startswith("sanity") for mm in metrics):
+        limit = len(images) if s.sanity_images is None else s.sanity_images
+        keep = [r for r, i in enumerate(chunk) if i < limit]
+        if keep:
+            part = sanity_inputs.setdefault(m.name, {"x": [], "targets": [], "index": []})
+            part["x"].append(x[keep])
+            part["targets"].append(targets[keep])
+            part["index"] += [chunk[r] for r in keep]
+    return rows
 
 
 def _join(curves: list) -> M.Curve:
@@ -205,7 +240,8 @@ def sanity_step_count(explainer, settings: Settings, metrics) -> int:
                for mode in ("cascading", "independent") if f"sanity-{mode}" in metrics)
 
 
-def _run_sanity(evaluation: Evaluation, explainer, method_objs, layer_names, inputs, pictures, progress) -> None:
+def _run_sanity(evaluation: Evaluation, explainer, method_objs, layer_names, inputs, pictures, progress,
+                on_failure=None) -> None:
     s = evaluation.settings
     from graph_passes.randomize import parameter_layers
 
@@ -220,11 +256,18 @@ def _run_sanity(evaluation: Evaluation, explainer, method_objs, layer_names, inp
         for mode in ("cascading", "independent"):
             if f"sanity-{mode}" not in evaluation.metrics:
                 continue
-            result: SanityResult = randomization_test(
-                explainer.model, x, targets, m.name, layer_names if m.uses_layer else [], dict(s.options), mode,
-                _pick_steps(count, mode, s.sanity_steps), s.seed, batch_size=s.batch_size,
-                provider=explainer.engine.provider, threads=explainer.engine.threads,
-                progress=(lambda _k: progress(1)) if progress is not None else None)
+            try:
+                result: SanityResult = randomization_test(
+                    explainer.model, x, targets, m.name, layer_names if m.uses_layer else [], dict(s.options), mode,
+                    _pick_steps(count, mode, s.sanity_steps), s.seed, batch_size=s.batch_size,
+                    provider=explainer.engine.provider, threads=explainer.engine.threads,
+                    progress=(lambda _k: progress(1)) if progress is not None else None)
+            except Exception as err:  # noqa: BLE001 - the method's other metrics stand; its sanity cells stay empty
+                reason = f"-m {m.name}: sanity-{mode}: {method_error(err)}"
+                evaluation.failed[f"{m.name} sanity-{mode}"] = reason
+                if on_failure is not None:
+                    on_failure(reason)
+                continue
             evaluation.sanity.setdefault(m.name, {})[mode] = result
             prefix = "cascade" if mode == "cascading" else "independent"
             for row, i in enumerate(index):

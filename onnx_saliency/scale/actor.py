@@ -123,6 +123,12 @@ class ExplainShard:
         for name, reason in outcome.failed.items():
             k = seen[name]
             failures.append({"id": ids[k], "path": paths[k], "error": _original_name(reason, name, paths[k])})
+        for name in outcome.partial:  # some methods written, some failed: reported with the image's failures
+            k = seen[name]
+            lost = "; ".join(f"-m {m}: {r.removeprefix(f'-m {m}: ')}" for (p, m), r in outcome.method_failed.items()
+                             if p == name)
+            failures.append({"id": ids[k], "path": paths[k], "error": f"{paths[k] or ids[k]}: {lost} (the other "
+                                                                      "methods were written)"})
         shard = ""
         if s.fmt == "parquet":
             t = time.perf_counter()
