@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import expand_images, fail_cleanly, parse_options, progress, quiet_option
+from .common import expand_images, fail_cleanly, note, parse_options, progress, quiet_option
 
 
 @click.command("audit")
@@ -53,6 +53,9 @@ def audit(model_a, model_b, images, methods, preset_a, preset_b, layer, toleranc
         result = run_audit(model_a, model_b, paths, methods, preset_a=preset_a, preset_b=preset_b, layer=layer,
                            tolerances=tol, options=parse_options(option_pairs), batch_size=batch_size,
                            provider=provider, threads=threads, progress=bar.update)
+    for key in ("a", "b"):
+        for text in result.models[key]["assumptions"]:
+            note(f"{key.upper()}: {text}", quiet)
     if report:
         for key in ("a", "b"):
             for line in result.models[key]["rewrite"]:

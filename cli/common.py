@@ -44,6 +44,8 @@ def split_model_and_images(args: tuple[str, ...], more: bool = False):
 
     if args and args[0].lower().endswith(".onnx"):
         model, rest = Path(args[0]), args[1:]
+        if not model.is_file():  # before the images: `explain nothere.onnx` is about the model
+            raise SaliencyError(f"{model}: no such model file")
     else:
         model, rest = DEFAULT_MODEL_PATH, args
     if not rest and model == DEFAULT_MODEL_PATH and not more:
@@ -51,6 +53,29 @@ def split_model_and_images(args: tuple[str, ...], more: bool = False):
     if not rest and not more:
         raise SaliencyError(f"no images given to explain with {model}")
     return model, expand_images(rest) if rest else []
+
+
+def speak_up(explainer, inputs=None, model=None, quiet: bool = False) -> None:
+    """Say on stderr what was assumed (Explainer.assumptions, which the sidecars record too). With no model
+    named, the embedded demo model answers: a warning when the user brought images (a photo was surely meant
+    for a real model), a note for the bare demo run."""
+    from onnx_saliency.models import DEFAULT_MODEL_PATH
+
+    if model == DEFAULT_MODEL_PATH and not (inputs and str(inputs[0]).lower().endswith(".onnx")):
+        m = explainer.model
+        size = "x".join(str(d) for d in m.input_hw)
+        classes = ", ".join(m.labels or []) or f"{m.num_classes} classes"
+        if inputs:
+            text = (f"no model given: explaining with the embedded {size} shapes demo model, which only knows "
+                    f"{classes}; name your model first (MODEL.onnx IMAGES...) to explain it")
+            click.echo(f"warning: {text}", err=True)
+        else:
+            text = f"no model given: the embedded {size} shapes demo model ({classes}) on its sample images"
+            note(text, quiet)
+        explainer.assumptions.insert(0, text)
+    for text in explainer.assumptions:
+        if not text.startswith("no model given"):
+            note(text, quiet)
 
 
 def expand_images(items) -> list[Path]:

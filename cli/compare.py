@@ -9,7 +9,7 @@ import click
 from onnx_saliency.errors import SaliencyError
 
 from .common import (explainer_from_options, fail_cleanly, parse_options, parse_target, progress, quiet_option,
-                     split_model_and_images, with_model_options)
+                     speak_up, split_model_and_images, with_model_options)
 
 
 
@@ -59,6 +59,7 @@ def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs,
     method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
     options = parse_options(option_pairs)
     ex = explainer_from_options(model, **model_kw)
+    speak_up(ex, inputs, model, quiet)
     layer_spec = list(layers) if layers else ["auto"]
     for spec in layer_spec:
         ex.resolve_layer(spec)

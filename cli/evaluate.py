@@ -9,7 +9,7 @@ import click
 from onnx_saliency.errors import SaliencyError
 
 from .common import (explainer_from_options, fail_cleanly, parse_options, parse_target, progress, quiet_option,
-                     split_model_and_images, with_model_options)
+                     speak_up, split_model_and_images, with_model_options)
 
 
 
@@ -81,6 +81,7 @@ def evaluate(inputs, methods, metrics, annotations, out_dir, layers, target, bat
                         metric_batch_size=metric_batch_size, layers=list(layers) or ["auto"],
                         target=parse_target(target), options=parse_options(option_pairs))
     ex = explainer_from_options(model, **model_kw)
+    speak_up(ex, inputs, model, quiet)
     n_sanity = min(len(images), sanity_images if sanity_images is not None else len(images))
     total = len(images) * len(methods) + (sanity_step_count(ex, settings, chosen) * len(methods) if n_sanity else 0)
     with progress(total, "evaluating", quiet) as bar:

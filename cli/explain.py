@@ -9,7 +9,7 @@ import click
 from onnx_saliency.errors import SaliencyError
 
 from .common import (CompositeOption, explainer_from_options, fail_cleanly, mib, parse_bytes, parse_options,
-                     parse_target, peak_rss_bytes, progress, quiet_option, split_model_and_images,
+                     parse_target, peak_rss_bytes, progress, quiet_option, speak_up, split_model_and_images,
                      with_model_options)
 
 
@@ -59,9 +59,9 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     A bad image is reported on stderr (one line naming it) and skipped; the others are written. A method
     that fails on an image is reported (one line naming the image and the method); the other methods are
     written. Exit status: 0 every image explained (or already complete with --resume); 1 some images or
-    methods failed (each reported, then a summary line listing them; all others written); 2 a usage, option or model error,
-    found before any image is processed (nothing written), or an output that cannot be written (the run
-    stops there); 130 interrupted. Outputs are whole files or absent: rerun with --resume to finish.
+    methods failed (each reported, then a summary line listing them; all others written); 2 a usage, option
+    or model error, found before any image is processed (nothing written), or an output that cannot be
+    written (the run stops there); 130 interrupted. Outputs are whole files or absent: rerun with --resume to finish.
     """
     from onnx_saliency.output.batch import explain_images
     from onnx_saliency.methods import get_method
@@ -93,6 +93,7 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
             raise SaliencyError(f"--rule-map {rule_map}: no such file")
         options["rule_map"] = rule_map
     ex = explainer_from_options(model, **model_kw)
+    speak_up(ex, inputs, model, quiet)
     ex.engine.memory_budget = budget
     if composite is not None or rule_map is not None:
         from onnx_saliency import lrp

@@ -22,10 +22,12 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_MODEL_PATH",
+    "LABEL_SETS",
     "DEFAULT_SAMPLES_DIR",
     "MANIFEST_PATH",
     "load_manifest",
     "lookup",
+    "label_names",
     "lookup_file",
     "sha256_file",
 ]
@@ -35,6 +37,18 @@ _HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL_PATH: Path = _HERE / "default" / "shapes_cnn.onnx"
 DEFAULT_SAMPLES_DIR: Path = _HERE / "default" / "samples"
 MANIFEST_PATH: Path = _HERE / "manifest.json"
+
+
+# Class names of the manifest's label sets that may ship with the package. "imagenet" is deliberately absent:
+# the ImageNet name lists at hand (the project's shared test data) come with licences that keep them out of
+# the repository, so a known ImageNet model asks for --labels instead (see Explainer.targets).
+LABEL_SETS = {"nsfw2": ("SFW", "NSFW")}
+
+
+def label_names(entry: dict | None) -> list[str] | None:
+    """The class names of a manifest entry's label set, where they ship; None otherwise."""
+    names = LABEL_SETS.get((entry or {}).get("labels"))
+    return list(names) if names else None
 
 
 @lru_cache(maxsize=1)

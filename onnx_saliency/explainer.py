@@ -13,7 +13,8 @@ from .intake.layers import Layer, candidate_layers, resolve_layer
 from .methods import Result, get_method
 from .methods.base import Request
 from .intake.model import LoadedModel, load_model
-from .intake.preprocess import Preprocessing, load_image, prepare
+from .intake.preprocess import PRESETS, Preprocessing, load_image, prepare
+from .models import label_names
 
 
 class Explainer:
@@ -25,8 +26,19 @@ class Explainer:
         self.engine = Engine(self.model, provider=provider, threads=threads)
         pre = self.model.preprocessing()
         self.preprocessing: Preprocessing = pre.with_overrides(preset=preset, **preprocessing_overrides)
+        # what was chosen for the user without a word from them or the model: said on stderr and in sidecars
+        self.assumptions: list[str] = []
+        if preset is None and _preset_assumed(self.model):
+            p = self.preprocessing
+            sizes = f"resize {p.resize} ({p.resize_mode}), crop {p.crop}" if p.resize_mode != "none" else "no resize"
+            self.assumptions.append(
+                f"{self.model.path.name} is not a known model and its metadata names no preset: assuming "
+                f"torchvision preprocessing (RGB, pixel/255, ImageNet mean and std; {sizes}); pass --preset "
+                f"({', '.join(PRESETS)}) or store onnx_saliency.preset in the model if it was trained otherwise")
         if labels is not None:
             self.model.labels = load_labels(labels)
+        elif self.model.labels is None:
+            self.model.labels = label_names(self.model.known)
 
     @classmethod
     def from_loaded(cls, model: LoadedModel, preprocessing: Preprocessing, provider: str = "cpu",
@@ -88,6 +100,14 @@ class Explainer:
         labels = [str(label).lower() for label in (self.model.labels or [])]
         if str(t).lower() in labels:
             return labels.index(str(t).lower())
+        known = self.model.known
+        if not labels and known and known.get("labels") == "imagenet":
+            # ImageNet class names are not shipped: no list we may copy (see models/__init__.py)
+            raise SaliencyError(f"--target {t!r}: {known['name']} is an ImageNet-1k model, but onnx-saliency "
+                                "ships no ImageNet class names; pass --labels FILE with the 1000 names in "
+                                "class-index order (a text file, one name per line, such as imagenet_classes.txt "
+                                "in the project's test data, shared/labels/; or an imagenet_class_index.json), "
+                                "or give the class index")
         raise SaliencyError(f"--target {t!r}: not a class index and not a known label"
                             + ("" if labels else " (the model has no labels; pass --labels FILE)"))
 
@@ -106,6 +126,13 @@ class Explainer:
     def predict(self, inputs, batch_size: int = 32) -> np.ndarray:
         x, _ = self.prepare(inputs)
         return self.engine.forward(x, batch_size)[self.model.score_tensor]
+
+
+def _preset_assumed(model: LoadedModel) -> bool:
+    """True when neither the model's metadata nor the manifest says how to normalise its input."""
+    if any(k.startswith("onnx_saliency.") for k in model.metadata):
+        return "onnx_saliency.preset" not in model.metadata
+    return model.known is None
 
 
 def _as_uint8(img) -> np.ndarray:

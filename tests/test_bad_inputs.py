@@ -240,8 +240,8 @@ CASES = {
     "unknown_method": (lambda e: ["explain", e.model, e.imgs, "-m", "magic"],
                        lambda e: [f"error: -m 'magic': unknown method; known: {', '.join(method_names())}"], 2),
     "unknown_layer": (lambda e: ["explain", e.model, e.imgs, "--layer", "zzz"],
-                      lambda e: [f"error: --layer 'zzz': no such tensor, node or module in tiny.onnx (see `onnx-saliency "
-                                 f"layers {e.model}`)"], 2),
+                      lambda e: [f"error: --layer 'zzz': no such tensor, node or module in tiny.onnx "
+                                 f"(see `onnx-saliency layers {e.model}`)"], 2),
     "target_out_of_range": (lambda e: ["explain", e.model, e.imgs, "--target", "99"],
                             lambda e: ["error: --target 99: class index out of range 0..3"], 2),
     "target_label_without_labels": (lambda e: ["explain", e.model, e.imgs, "--target", "cat"],

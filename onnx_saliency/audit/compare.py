@@ -289,7 +289,8 @@ def audit(path_a, path_b, images, methods=("gradcam",), *, preset_a=None, preset
     names = [Path(p).name if isinstance(p, (str, Path)) else f"image{i}" for i, p in enumerate(images)]
 
     result = AuditResult(
-        models={"a": _describe(ma), "b": _describe(mb)}, images=names, tolerances=tol,
+        models={"a": {**_describe(ma), "assumptions": ex_a.assumptions},
+                "b": {**_describe(mb), "assumptions": ex_b.assumptions}}, images=names, tolerances=tol,
         predictions=_predictions(names, logits_a, logits_b, ma, mb), pairs=[], unmatched_b=[], explanations={},
         display=display)
     _check_predictions(result, logits_a, logits_b)

@@ -96,7 +96,8 @@ def _json(evaluation: Evaluation) -> dict:
     return _finite({
         "model": evaluation.model, "model_sha256": evaluation.model_sha256, "images": evaluation.images,
         "methods": evaluation.methods, "metrics": evaluation.metrics, "settings": evaluation.settings.describe(),
-        "preprocessing": evaluation.preprocessing, "notes": settings_lines(evaluation),
+        "preprocessing": evaluation.preprocessing, "assumptions": evaluation.assumptions,
+        "notes": settings_lines(evaluation),
         "summary": summary(evaluation), "per_image": evaluation.rows, "curves": curves, "sanity": sanity,
         "failed": evaluation.failed, "versions": versions(),
     })

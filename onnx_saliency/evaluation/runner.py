@@ -83,6 +83,7 @@ class Evaluation:
     sanity: dict = field(default_factory=dict)         # method -> mode -> SanityResult
     sanity_display: np.ndarray | None = None           # display image of the first sanity image
     failed: dict = field(default_factory=dict)         # method -> "image: reason"; left out of everything
+    assumptions: list = field(default_factory=list)    # what the explainer assumed (Explainer.assumptions)
 
     @property
     def columns(self) -> list[str]:
@@ -163,7 +164,7 @@ def evaluate(explainer, images: list[Path], methods: list[str], metrics: list[st
     method_objs = [m for m in method_objs if m.name not in failed]
     evaluation = Evaluation(str(explainer.model.path), explainer.model.sha256, [p.name for p in images],
                             [m.name for m in method_objs], list(metrics), s, dataclasses.asdict(pre), rows,
-                            failed=failed)
+                            failed=failed, assumptions=list(getattr(explainer, "assumptions", [])))
     evaluation.curves = {name: {kind: _join(parts) for kind, parts in kinds.items()}
                          for name, kinds in curve_parts.items() if kinds}
     _run_sanity(evaluation, explainer, method_objs, layer_names, sanity_inputs, pictures, progress, on_failure)

@@ -62,6 +62,7 @@ def sidecar(explainer, result, index: int, image: Path, options: dict) -> dict:
                 "all_zero": bool(not flat.any())},
         "preprocessing": vars(explainer.preprocessing) if hasattr(explainer.preprocessing, "__dict__") else str(
             explainer.preprocessing),
+        "assumptions": list(getattr(explainer, "assumptions", [])),  # chosen without the user's or model's word
         "options": {k: v for k, v in {**options, **result.options}.items() if not isinstance(v, np.ndarray)},
         "notes": result.notes,
         "versions": versions(),
