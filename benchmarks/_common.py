@@ -10,7 +10,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -18,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-# the repo root, for the one torchvision import shim (tests/torch_shim.py; see docs/stack-probe.md §3)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.torch_shim import install_torchvision_cpu_shim  # noqa: E402
+# the one torchvision import shim, where users of the [parity] extra meet it (see docs/stack-probe.md §3)
+from onnx_saliency.parity import install_torchvision_cpu_shim
 
 
 def torchvision_model(name: str, seed: int = 0):

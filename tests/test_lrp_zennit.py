@@ -43,7 +43,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from tests.torch_shim import install_torchvision_cpu_shim, randomise_bn  # noqa: E402
+from onnx_saliency.parity import install_torchvision_cpu_shim  # noqa: E402
+from tests.torch_shim import randomise_bn  # noqa: E402
 
 install_torchvision_cpu_shim()  # before zennit, which imports torchvision
 pytest.importorskip("zennit")
@@ -60,12 +61,9 @@ SIZES = {"resnet18": 64, "vgg11": 96, "densenet121": 64}  # small inputs keep th
 
 
 def _tv():
-    from tests.torch_shim import install_torchvision_cpu_shim
+    from onnx_saliency.parity import import_torchvision
 
-    install_torchvision_cpu_shim()
-    import torchvision
-
-    return torchvision
+    return import_torchvision()
 
 
 def _build(name, tmp_path):

@@ -41,10 +41,8 @@ def test_scale_cam_image_normalises_then_resizes():
 
 
 def _install_shim():
-    try:
-        from torch_shim import install_torchvision_cpu_shim
-    except ImportError:  # tests/ imported as a package
-        from tests.torch_shim import install_torchvision_cpu_shim
+    from onnx_saliency.parity import install_torchvision_cpu_shim
+
     install_torchvision_cpu_shim()
 
 

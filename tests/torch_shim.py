@@ -1,29 +1,8 @@
-"""Torch helpers for the parity tests: let torchvision import on machines whose torch build lacks the
-torchvision C++ ops, and randomise BatchNorm statistics.
+"""Torch helpers for the parity tests: the torchvision import shim (shipped in the package as
+:mod:`onnx_saliency.parity`, where users of the [parity] extra meet it; re-exported here) and a seeded
+BatchNorm randomiser."""
 
-torchvision registers fake kernels for ``torchvision::nms`` at import time and fails when the operator was
-never defined (CPU torch wheel without torchvision's extension). Defining the schemas first is enough
-for the pure-Python parts the parity tests use (pytorch-grad-cam's image utilities, model definitions).
-Call :func:`install_torchvision_cpu_shim` before the first ``import torchvision``.
-"""
-
-_installed = False
-_lib = None  # keep the Library alive: dropping it would unregister the definitions
-
-
-def install_torchvision_cpu_shim() -> None:
-    global _installed, _lib
-    if _installed:
-        return
-    import torch
-
-    try:
-        torch.ops.torchvision.nms
-    except (AttributeError, RuntimeError):
-        _lib = torch.library.Library("torchvision", "DEF")
-        _lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _installed = True
+from onnx_saliency.parity import install_torchvision_cpu_shim  # noqa: F401  (tests import it from here)
 
 
 def randomise_bn(model, seed: int) -> None:
