@@ -26,8 +26,12 @@ def info(model, report, **model_kw):
     if known:
         click.echo(f"known as     {known.get('name')}")
     click.echo(f"input        {m.input_name} ({m.layout}, {m.channels}x{m.input_hw[0]}x{m.input_hw[1]})")
+    if m.batch:
+        click.echo(f"batch        static {m.batch}: every run takes {m.batch} image(s) per onnxruntime call")
     click.echo(f"output       {m.output_name}; explaining {m.score_tensor} ({m.num_classes} classes)")
     click.echo(f"preprocess   preset={pre.preset} resize={pre.resize} crop={pre.crop} mode={pre.resize_mode}")
+    for text in ex.assumptions:
+        click.echo(f"assumed      {text}")
     click.echo(f"labels       {'yes' if m.labels else 'none'}")
     click.echo(f"auto layer   {ex.resolve_layer('auto')}")
     click.echo(f"ops          {', '.join(f'{k} {v}' for k, v in sorted(ops.items()))}")
