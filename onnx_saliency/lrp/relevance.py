@@ -9,6 +9,7 @@ from onnx import helper
 
 import graph_passes as gp
 from graph_passes import lrp as R
+from graph_passes.fuse_affine import fuse_affine
 
 from ..errors import SaliencyError, UnsupportedModelError
 from .composites import Composite
@@ -56,9 +57,9 @@ def c_int(g, name, value):
 
 def build_relevance_graph(canonical: onnx.ModelProto, score: str, classes: int, at, composite: Composite,
                           init: str = "logit", expose=(), record: list | None = None) -> onnx.ModelProto:
-    analysis = R.analyze(canonical)
-    rules = composite.assign(canonical, analysis)
-    m = gp.expose_tensors(canonical, sorted(set(expose) | {score}))
+    m = fold_affine_layers(canonical, set(expose) | set(at) | {score})
+    analysis = R.analyze(m)
+    rules = composite.assign(m, analysis)
     m = gp.append_target_seed(m, score)
     m, seed = append_initial_relevance(m, score, init, classes)
     try:
@@ -69,6 +70,22 @@ def build_relevance_graph(canonical: onnx.ModelProto, score: str, classes: int, 
                                     f"node(s): {listed}") from err
     except gp.GraphPassError as err:
         raise UnsupportedModelError(f"LRP composite {composite.name}: {err}") from err
+
+
+def fold_affine_layers(canonical: onnx.ModelProto, keep) -> onnx.ModelProto:
+    """The graph LRP runs on: `keep` exposed as outputs, then every per-channel scale/shift folded into its layer.
+
+    Like zennit's canonizers, LRP treats a BatchNorm as part of the linear layer before it; canonicalize folds
+    BatchNormalization nodes, and this folds the other spellings of the same layer: a decomposed BatchNorm
+    (tf2onnx writes per-channel Mul + Add after the Conv), a separate bias Add, a MatMul + Add head. Without it
+    a Keras export's relevance differs from the torch export's of the same weights (the Adds absorb relevance
+    as biases of their own). Graph outputs are never folded away, so every tensor in `keep` survives."""
+    produced = {o for node in canonical.graph.node for o in node.output}
+    m = gp.expose_tensors(canonical, sorted(t for t in keep if t in produced))
+    try:
+        return fuse_affine(m)
+    except gp.GraphPassError as err:
+        raise UnsupportedModelError(f"LRP: {err}") from err
 
 
 def relevance_at(engine, x: np.ndarray, targets=None, at=None, composite="epsilon-plus-flat", init: str = "logit",
