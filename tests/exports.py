@@ -93,6 +93,26 @@ def export_keras(model, path, preset: str = "tf") -> Path:
     return path
 
 
+def randomise_keras_bn(model, seed: int) -> None:
+    """Non-trivial statistics and affine parameters for every Keras BatchNormalization (seeded), as
+    tests/torch_shim.randomise_bn does for torch: fresh ones are the identity, folding them proves nothing."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            values = []
+            for w in layer.weights:
+                n, name = w.shape, w.path.rsplit("/", 1)[-1]
+                if name == "gamma":
+                    values.append(0.5 + rng.random(n))
+                elif name in ("beta", "moving_mean"):
+                    values.append(0.2 * rng.standard_normal(n))
+                else:  # moving_variance
+                    values.append(0.5 + rng.random(n))
+            layer.set_weights([v.astype(np.float32) for v in values])
+
+
 def torch_input_gradient(model, x: np.ndarray, targets) -> np.ndarray:
     """d logit[target_i] / d x_i for each image (NCHW), by torch autograd, float32."""
     import torch
