@@ -72,18 +72,19 @@ def build_relevance_graph(canonical: onnx.ModelProto, score: str, classes: int, 
         raise UnsupportedModelError(f"LRP composite {composite.name}: {err}") from err
 
 
-def fold_affine_layers(canonical: onnx.ModelProto, keep) -> onnx.ModelProto:
+def fold_affine_layers(canonical: onnx.ModelProto, keep, log: list | None = None) -> onnx.ModelProto:
     """The graph LRP runs on: `keep` exposed as outputs, then every per-channel scale/shift folded into its layer.
 
     Like zennit's canonizers, LRP treats a BatchNorm as part of the linear layer before it; canonicalize folds
     BatchNormalization nodes, and this folds the other spellings of the same layer: a decomposed BatchNorm
     (tf2onnx writes per-channel Mul + Add after the Conv), a separate bias Add, a MatMul + Add head. Without it
     a Keras export's relevance differs from the torch export's of the same weights (the Adds absorb relevance
-    as biases of their own). Graph outputs are never folded away, so every tensor in `keep` survives."""
+    as biases of their own). Graph outputs are never folded away, so every tensor in `keep` survives. `log`
+    receives one line per folded (or kept) node."""
     produced = {o for node in canonical.graph.node for o in node.output}
     m = gp.expose_tensors(canonical, sorted(t for t in keep if t in produced))
     try:
-        return fuse_affine(m)
+        return fuse_affine(m, log)
     except gp.GraphPassError as err:
         raise UnsupportedModelError(f"LRP: {err}") from err
 

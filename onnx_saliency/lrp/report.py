@@ -9,17 +9,18 @@ from graph_passes import lrp as R
 from graph_passes._graph import ancestors
 
 from .composites import Composite
-from .relevance import build_relevance_graph, run_relevance
+from .relevance import build_relevance_graph, fold_affine_layers, run_relevance
 from .rule_maps import resolve_composite
 
 def rule_report(model, composite) -> list[str]:
     """Lines: every node's rule, BatchNorms folded (into what) or kept, residual Adds, nodes with no rule.
     `model` is a LoadedModel (or a canonical ModelProto); `composite` a Composite."""
-    canonical = getattr(model, "canonical", model)
     report = getattr(model, "report", None)
+    score = getattr(model, "score_tensor", getattr(model, "canonical", model).graph.output[0].name)
+    folded: list[str] = []
+    canonical = fold_affine_layers(getattr(model, "canonical", model), {score}, folded)  # the graph LRP runs on
     a = R.analyze(canonical)
     rules = composite.assign(canonical, a)
-    score = getattr(model, "score_tensor", canonical.graph.output[0].name)
     needed = ancestors(canonical.graph, [score])
     lines = [f"composite {composite.name}"]
     missing = []
@@ -52,6 +53,7 @@ def rule_report(model, composite) -> list[str]:
     if report is not None:
         lines += [f"BatchNormalization {bn} folded into {into}" for bn, into in report.folded_bn]
         lines += [f"BatchNormalization {bn} kept (no foldable producer)" for bn in report.kept_bn]
+    lines += [line for line in folded if line.startswith(("folded", "MatMul"))]
     lines.append(f"residual adds: {len(a.residual)}")
     if missing:
         lines.append(f"nodes without a rule ({len(missing)}): " + ", ".join(f"{n.name} ({n.op_type})" for n in missing))
