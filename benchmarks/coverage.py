@@ -269,15 +269,23 @@ def run_job(model_id: str, exporter: str, methods, out, threads: int, max_params
             return
         t0 = time.perf_counter()
         try:
+            floor = {}
             if keras_job:
                 ref = keras_input_gradient(model, x.transpose(0, 2, 3, 1), [target]).transpose(0, 3, 1, 2)
             else:
                 ref = torch_input_gradient(model, x, [target])
+                # the float32 noise floor: torch's own float32 gradient against its float64 one (deep random nets
+                # with vanishing signals, e.g. GoogLeNet's std-0.01 init, reach 1e-15 gradients where float32
+                # rounding alone moves the result by tens of percent)
+                ref64 = torch_input_gradient(model.double(), x.astype(np.float64), [target])
+                floor = {"float32_floor": relative_max_error(ref, ref64),
+                         "max_rel_error_f64": relative_max_error(ours, ref64)}
             err = relative_max_error(ours, ref)
             flat_o, flat_r = ours.ravel().astype(np.float64), ref.ravel().astype(np.float64)
             rel_l2 = float(np.linalg.norm(flat_o - flat_r) / max(np.linalg.norm(flat_r), 1e-30))
             _emit(out, step="parity", reference="tf" if keras_job else "torch", target=target,
-                  max_rel_error=err, rel_l2=rel_l2, seconds=time.perf_counter() - t0)
+                  max_rel_error=err, rel_l2=rel_l2, peak=float(np.abs(ref).max()),
+                  seconds=time.perf_counter() - t0, **floor)
         except Exception as err:  # noqa: BLE001
             _emit(out, step="parity", error=_line(err))
 
@@ -400,13 +408,19 @@ def driver(args) -> int:
         write_report(cache, Path(args.out))
         return 0
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    ids = selected(catalogue(args.source.split(",")), args.models)
+    sources = args.source.split(",")
+    everything = catalogue(sources)
+    cache.setdefault("catalogue", {}).update(
+        {s: [i for i in everything if i.startswith(s + "/")] for s in sources})
+    ids = selected(everything, args.models)
     exporters = args.exporters.split(",")
     jobs = [(i, e) for i in ids for e in exporters_of(i) if e in exporters]
     todo = []
     for model_id, exporter in jobs:
         entry = cache["jobs"].get(job_key(model_id, exporter))
-        if entry is None or args.rerun or (args.retry_failed and failed(entry)) or \
+        stale = exporter != "keras" and entry is not None and entry.get("parity") and \
+            "float32_floor" not in entry["parity"]  # cached before the float64 reference was added
+        if entry is None or args.rerun or stale or (args.retry_failed and failed(entry)) or \
                 set(methods) - set(entry["methods"]):
             todo.append((model_id, exporter))
     print(f"{len(jobs)} jobs selected, {len(todo)} to run", flush=True)
@@ -456,19 +470,24 @@ def write_report(cache: dict, path: Path) -> None:
              "randomised for torch models), one image-like input, top-1 target. `ok`: the method returned a finite",
              "map; `E<n>`: the error numbered below (its first line, verbatim). Gradient parity: our input gradient",
              "against torch autograd (torch exports) or TensorFlow's GradientTape (Keras exports), max |ours - ref| /",
-             "max |ref| and the relative L2 error. Integrated gradients runs 8 steps here.", ""]
+             "max |ref| and the relative L2 error; for torch models also the float32 floor, torch's own float32",
+             "gradient against its float64 one (`gradient parity` in the summary counts a model when its error is",
+             "<= 1e-2, or when it is no further from the float64 gradient than twice that floor). Integrated",
+             "gradients runs 8 steps here.", ""]
+    lines += _what_ran(cache, jobs, methods)
     lines += _summary(jobs, methods)
     lines += ["", "## Per model", "",
-              "| model | exporter | opset | params (M) | grad max rel err | rel L2 | " + " | ".join(methods) + " |",
-              "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in methods) + " |"]
+              "| model | exporter | opset | params (M) | grad max rel err | rel L2 | f32 floor | " + " | ".join(methods)
+              + " |", "| --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in methods) + " |"]
     for e in jobs:
         exp = e["steps"].get("export", {})
         build = e["steps"].get("build", {})
         par = e["parity"] or {}
         err = f"{par['max_rel_error']:.1e}" if "max_rel_error" in par else ("err" if "error" in par else "-")
         l2 = f"{par['rel_l2']:.1e}" if "rel_l2" in par else "-"
+        floor = f"{par['float32_floor']:.1e}" if "float32_floor" in par else "-"
         params = f"{build['params'] / 1e6:.1f}" if "params" in build else "-"
-        lines.append(f"| {e['model']} | {e['exporter']} | {exp.get('opset', '-')} | {params} | {err} | {l2} | "
+        lines.append(f"| {e['model']} | {e['exporter']} | {exp.get('opset', '-')} | {params} | {err} | {l2} | {floor} | "
                      + " | ".join(cell(e, m) for m in methods) + " |")
     lines += ["", "## Ops that stop models", "",
               "Unsupported op types named by the load or method errors above, with the (model, exporter) jobs they "
@@ -492,15 +511,55 @@ def write_report(cache: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _what_ran(cache: dict, jobs, methods) -> list[str]:
+    """What the cache holds against the whole catalogue: runs, dates, commits, load, what is missing."""
+    if not jobs:
+        return ["Nothing has run yet.", ""]
+    out = ["## What was run", ""]
+    whens = sorted(e["when"] for e in jobs)
+    commits = sorted({e["commit"] for e in jobs})
+    loads = [float(e["load"].split()[0]) for e in jobs if e.get("load")]
+    out.append(f"{len(jobs)} (model, exporter) jobs, {whens[0]} to {whens[-1]}, at commit(s) {', '.join(commits)}, "
+               f"one thread each at `nice -n 19` on the shared 2-core development machine (1-min load average "
+               f"{min(loads):.1f} to {max(loads):.1f} while they ran: timings are not benchmarks).")
+    cat = cache.get("catalogue", {})
+    done = {(e["model"], e["exporter"]) for e in jobs}
+    for source, ids in sorted(cat.items()):
+        expected = [(i, x) for i in ids for x in exporters_of(i)]
+        missing = sorted({i.split("/", 1)[1] for i, x in expected if (i, x) not in done})
+        ran = sum(1 for job in expected if job in done)
+        out.append(f"- {source}: {len(ids)} models, {ran} of {len(expected)} jobs run"
+                   + (f"; not run yet (at least one exporter): {', '.join(missing)}" if missing else ""))
+    partial = {m: sum(1 for e in jobs if m not in e["methods"]) for m in methods}
+    partial = {m: n for m, n in partial.items() if n}
+    if partial:
+        out.append("- methods not run on every job: " + ", ".join(f"{m} (missing on {n})" for m, n in partial.items()))
+    skipped = sorted(e["model"] for e in jobs if "not run" in e["steps"].get("build", {}).get("error", ""))
+    if skipped:
+        out.append(f"- skipped for size (--max-params): {', '.join(sorted(set(skipped)))}")
+    out.append("")
+    return out
+
+
+def parity_ok(parity) -> bool:
+    """Our gradient is right when it is within 1e-2 (max relative) of the framework's float32 autograd, or no
+    further from the float64 gradient than twice torch's own float32 error (the float32 floor)."""
+    if not parity or "max_rel_error" not in parity:
+        return False
+    if parity["max_rel_error"] <= 1e-2:
+        return True
+    return "float32_floor" in parity and parity["max_rel_error_f64"] <= 2 * parity["float32_floor"]
+
+
 def _summary(jobs, methods) -> list[str]:
     groups: dict[tuple, list] = {}
     for e in jobs:
         groups.setdefault((e["model"].split("/")[0], e["exporter"]), []).append(e)
     out = ["## Summary", "", "Models explained (`ok`) out of the models run, per source and exporter.", "",
-           "| source | exporter | models | parity <= 1e-2 | " + " | ".join(methods) + " |",
+           "| source | exporter | models | gradient parity | " + " | ".join(methods) + " |",
            "| --- | --- | --- | --- | " + " | ".join("---" for _ in methods) + " |"]
     for (source, exporter), es in sorted(groups.items()):
-        good = sum(1 for e in es if (e["parity"] or {}).get("max_rel_error", 1) <= 1e-2)
+        good = sum(1 for e in es if parity_ok(e["parity"]))
         cells = []
         for m in methods:
             ran = [e for e in es if m in e["methods"]]
