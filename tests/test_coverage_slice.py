@@ -127,7 +127,7 @@ FAMILIES = {
     "vgg": (_vgg, 56, {}),
     "convnext": (_convnext, 32, {"legacy": "LayerNormalization, Erf", "dynamo": "LayerNormalization, Gelu, Gather"}),
     "shufflenet": (_shufflenet, 32, {"legacy": "Gather, Slice", "dynamo": "Split"}),
-    "vit": (_vit, 32, {"legacy": "LayerNormalization, Erf, Gather, Slice, Where, Expand",
+    "vit": (_vit, 32, {"legacy": "LayerNormalization, Erf, Gather, Slice, Where, Expand, Sqrt",
                        "dynamo": "LayerNormalization, Gelu, Gather, Slice, Expand"}),
 }
 
