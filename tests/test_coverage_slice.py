@@ -1,8 +1,8 @@
 """A CI slice of the coverage matrix (benchmarks/coverage.py runs the full one; results in docs/coverage.md).
 
 One tiny-width model per op family, built from torchvision's own classes (the same blocks as the zoo, a few
-channels wide, 32 px inputs, 56 for VGG's 7x7 pooled head), exported with both torch exporters, plus one Keras application through
-tf2onnx. Each is explained with gradient (against torch autograd / TensorFlow's GradientTape), Grad-CAM and LRP.
+channels wide, 32 px inputs, 56 for VGG's 7x7 pooled head), exported with both torch exporters, plus one Keras
+application through tf2onnx. Each is explained with gradient (against torch autograd / TensorFlow's GradientTape), Grad-CAM and LRP.
 
 Families and the ops they bring (legacy | dynamo exporter):
 - resnet: Conv, residual Add, MaxPool, GlobalAveragePool | ReduceMean, Gemm
@@ -112,8 +112,10 @@ def _shufflenet():
 def _vit():
     from torchvision.models import vision_transformer
 
-    return vision_transformer.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
-                                                hidden_dim=16, mlp_dim=32, num_classes=CLASSES)
+    m = vision_transformer.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                             hidden_dim=16, mlp_dim=32, num_classes=CLASSES)
+    torch.nn.init.normal_(m.heads.head.weight, std=0.2)  # torchvision zero-initialises the head: no gradient
+    return m
 
 
 # family -> (builder, input size, {exporter: the ops main refuses, or absent when it explains the export})
@@ -177,6 +179,7 @@ def test_torch_export_is_explained_with_autograd_gradients(family, exporter, tmp
     targets = [int(logits[0].argmax()), int(np.argsort(logits[1])[-3])]  # a top-1 and a third-best class
     ours = ex.explain(x, method="gradient", target=targets).attributions
     ref = torch_input_gradient(model, x, targets)
+    assert (np.abs(ref).max(axis=(1, 2, 3)) > 0).all(), "a zero reference gradient proves nothing"
     l2 = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
     assert relative_max_error(ours, ref) < MAX_REL and l2 < REL_L2, (relative_max_error(ours, ref), l2)
     _check_maps(ex, x, targets, size)
@@ -205,6 +208,7 @@ def test_keras_application_export_is_explained_with_gradienttape_gradients(tmp_p
     targets = [int(logits[0].argmax()), int(np.argsort(logits[1])[-3])]
     ours = ex.explain(x, method="gradient", target=targets).attributions.transpose(0, 2, 3, 1)
     ref = keras_input_gradient(model, x, targets)
+    assert (np.abs(ref).max(axis=(1, 2, 3)) > 0).all()
     l2 = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
     assert relative_max_error(ours, ref) < MAX_REL and l2 < REL_L2, (relative_max_error(ours, ref), l2)
     _check_maps(ex, x, targets, size)

@@ -15,6 +15,13 @@ def test_unsupported_node_lists_become_op_types_without_the_temporary_path(tmp_p
     assert line == "UnsupportedModelError: unsupported op(s): Gather, Split (3 nodes)"
     assert cov.unsupported_ops(line) == ["Gather", "Split"]
     assert cov._line(ValueError("bad\nmore")) == "ValueError: bad"
+    grouped = UnsupportedModelError(f"{path}: unsupported op(s) in 276 node(s): Slice (274: a, b, c and 271 more); "
+                                    "Gather (2: d, e)")
+    assert cov._line(grouped, path) == "UnsupportedModelError: unsupported op(s): Gather, Slice (276 nodes)"
+    lrp = UnsupportedModelError("LRP composite epsilon: no relevance rule for 2 node(s): Softmax (1: s); Mul (1: p)")
+    line = cov._line(lrp)
+    assert line == "UnsupportedModelError: LRP composite epsilon: no relevance rule for op(s): Mul, Softmax (2 nodes)"
+    assert cov.unsupported_ops(line) == ["Mul", "Softmax"]
 
 
 def test_a_job_that_stopped_early_marks_the_methods_it_never_reached():
