@@ -2,7 +2,8 @@
 
 One tiny-width model per op family, built from torchvision's own classes (the same blocks as the zoo, a few
 channels wide, 32 px inputs, 56 for VGG's 7x7 pooled head), exported with both torch exporters, plus one Keras
-application through tf2onnx. Each is explained with gradient (against torch autograd / TensorFlow's GradientTape), Grad-CAM and LRP.
+application through tf2onnx. Each is explained with gradient (against torch autograd / TensorFlow's
+GradientTape), Grad-CAM and LRP.
 
 Families and the ops they bring (legacy | dynamo exporter):
 - resnet: Conv, residual Add, MaxPool, GlobalAveragePool | ReduceMean, Gemm
