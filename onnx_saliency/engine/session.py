@@ -81,6 +81,13 @@ class Engine:
                 self._sessions[key] = (sess, [o.name for o in sess.get_outputs()], rebuild)
             return self._sessions[key]
 
+    def drop_sessions(self) -> None:
+        """Forget every cached session, and with it onnxruntime's copy of the weights and its arenas; the next
+        call rebuilds what it needs. For long runs over many methods of a large model (benchmarks/coverage.py)."""
+        with self._lock:
+            self._sessions.clear()
+        release_freed_memory()
+
     def active_provider(self) -> str:
         """The provider the sessions really use (onnxruntime-gpu silently falls back to CPU)."""
         if not self._sessions:
