@@ -564,6 +564,12 @@ def _what_ran(cache: dict, jobs, methods) -> list[str]:
         ran = sum(1 for job in expected if job in done)
         out.append(f"- {source}: {len(ids)} models, {ran} of {len(expected)} jobs run"
                    + (f"; not run yet (at least one exporter): {', '.join(missing)}" if missing else ""))
+    for source in ("torchvision", "timm", "keras"):
+        if source not in cat:
+            out.append(f"- {source}: not run yet")
+    never = [m for m in METHODS if m not in methods]
+    if never:
+        out.append(f"- methods not run yet on any job: {', '.join(never)}")
     partial = {m: sum(1 for e in jobs if m not in e["methods"]) for m in methods}
     partial = {m: n for m, n in partial.items() if n}
     if partial:
