@@ -71,7 +71,7 @@ KERAS_SKIP = {"imagenet_utils"}
 # --- the catalogue ------------------------------------------------------------------------------------------
 
 def torchvision_names() -> list[str]:
-    from tests.torch_shim import install_torchvision_cpu_shim
+    from onnx_saliency.parity import install_torchvision_cpu_shim
 
     install_torchvision_cpu_shim()
     import torchvision
@@ -154,7 +154,8 @@ def _emit(out, **record):
 def build_torch(model_id: str, seed: int):
     import torch
 
-    from tests.torch_shim import install_torchvision_cpu_shim, randomise_bn
+    from onnx_saliency.parity import install_torchvision_cpu_shim
+    from tests.torch_shim import randomise_bn
 
     torch.manual_seed(seed)
     source, name = model_id.split("/", 1)

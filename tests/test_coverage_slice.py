@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from tests.torch_shim import install_torchvision_cpu_shim, randomise_bn  # noqa: E402
+from onnx_saliency.parity import install_torchvision_cpu_shim  # noqa: E402
+from tests.torch_shim import randomise_bn  # noqa: E402
 
 install_torchvision_cpu_shim()
 torchvision = pytest.importorskip("torchvision")
