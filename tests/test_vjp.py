@@ -301,3 +301,220 @@ def test_guided_rule_covers_clip():
     g = session(append_vjp(model, "y", ["x"], rules=vjp_rules.GUIDED)).run(
         [grad_name("x")], {"x": x, "y__seed": seed})[0]
     np.testing.assert_array_equal(g, np.where((x > 0) & (x < 6) & (seed > 0), seed, 0))
+
+
+# --- ops beyond the classic CNN set (transformers, ConvNeXt, ShuffleNet, Caffe-era and timm exports) ---------
+
+def _op_case(nodes, x_shape, inits=None, opset=17, x=None, seed=20, canonical=False, **check):
+    """FD-check d(seed . y)/dx for a graph from input "x" to output "y" (canonicalised first when asked, to
+    test what the version converter makes of older opsets)."""
+    model = make_model(nodes, [("x", x_shape)], [("y", None)], inits or {}, opset=opset)
+    if canonical:
+        from graph_passes import canonicalize
+
+        model = canonicalize(model)
+    rng = np.random.default_rng(seed)
+    return _fd_check(model, "x", x_shape, "y", rng, x=x, **check)
+
+
+def _n(op, ins, outs, **kw):
+    return helper.make_node(op, ins, outs, **kw)
+
+
+@pytest.mark.parametrize("axis,scale_shape,bias", [(-1, (5,), True), (1, (3, 5), True), (-2, (3, 5), False),
+                                                   (2, (1,), True)])
+def test_layer_normalization(axis, scale_shape, bias):
+    rng = np.random.default_rng(21)
+    inits = {"s": rng.uniform(0.5, 1.5, scale_shape).astype(np.float32)}
+    ins = ["x", "s"]
+    if bias:
+        inits["b"] = rng.standard_normal(scale_shape).astype(np.float32)
+        ins.append("b")
+    _op_case([_n("LayerNormalization", ins, ["y"], axis=axis, epsilon=1e-3)], (2, 3, 5), inits)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_both_approximations(approximate):
+    x = np.random.default_rng(22).standard_normal((2, 3, 4)).astype(np.float32) * 2
+    _op_case([_n("Gelu", ["x"], ["y"], approximate=approximate)], x.shape, opset=20, x=x)
+
+
+def test_erf_decomposed_gelu_as_exported_by_torch():
+    """torch's legacy exporter writes GELU as x * (erf(x / sqrt 2) + 1) * 0.5."""
+    nodes = [_n("Div", ["x", "r2"], ["d"]), _n("Erf", ["d"], ["e"]), _n("Add", ["e", "one"], ["a"]),
+             _n("Mul", ["x", "a"], ["m"]), _n("Mul", ["m", "half"], ["y"])]
+    inits = {"r2": np.float32(np.sqrt(2)), "one": np.float32(1), "half": np.float32(0.5)}
+    x = np.random.default_rng(23).standard_normal((2, 12)).astype(np.float32) * 2
+    _op_case(nodes, x.shape, inits, x=x)
+
+
+def test_attention_block_of_two_activations():
+    """softmax(q k^T / sqrt d) v with q, k, v projections of one input: MatMul of two activations, Softmax,
+    Gather of the q/k/v slices (timm's qkv[0]), Transpose and Reshape to data-derived shapes, Div, Sqrt."""
+    rng = np.random.default_rng(24)
+    n, t, d = 2, 3, 4
+    nodes = [
+        _n("MatMul", ["x", "wqkv"], ["qkv0"]),                            # (n, t, 3d)
+        _n("Reshape", ["qkv0", "shp"], ["qkv1"]),                         # (n, t, 3, d)
+        _n("Transpose", ["qkv1"], ["qkv"], perm=[2, 0, 1, 3]),            # (3, n, t, d)
+        _n("Gather", ["qkv", "i0"], ["q"], axis=0), _n("Gather", ["qkv", "i1"], ["k"], axis=0),
+        _n("Gather", ["qkv", "i2"], ["v"], axis=0),
+        _n("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        _n("MatMul", ["q", "kt"], ["s0"]),
+        _n("Sqrt", ["dd"], ["sd"]), _n("Div", ["s0", "sd"], ["s"]),
+        _n("Softmax", ["s"], ["p"], axis=-1),
+        _n("MatMul", ["p", "v"], ["o"]),
+        _n("Shape", ["x"], ["xs"]), _n("Reshape", ["o", "xs"], ["y"]),
+    ]
+    inits = {"wqkv": rng.standard_normal((d, 3 * d)).astype(np.float32) * 0.5,
+             "shp": np.array([n, t, 3, d], np.int64), "i0": np.array(0, np.int64), "i1": np.array(1, np.int64),
+             "i2": np.array(-1, np.int64), "dd": np.float32(d)}
+    _op_case(nodes, (n, t, d), inits)
+
+
+@pytest.mark.parametrize("axis,indices", [
+    (0, np.array(1)), (-1, np.array([[0, 3], [-1, 0]])), (1, np.array([2, 2, 0])), (2, np.array([[1], [0]]))])
+def test_gather_on_data(axis, indices):
+    """Scalar and tensor indices, negative indices and axes, repeated indices (their gradients add up)."""
+    _op_case([_n("Gather", ["x", "i"], ["y"], axis=axis)], (2, 3, 4), {"i": indices.astype(np.int64)})
+
+
+def test_gather_with_data_dependent_indices():
+    nodes = [_n("ArgMax", ["x"], ["am"], axis=2, keepdims=0), _n("Gather", ["x", "am"], ["y"], axis=2)]
+    _op_case(nodes, (2, 3, 4))
+
+
+def test_where_with_broadcasting():
+    nodes = [_n("ReduceMean", ["x"], ["m"], axes=[1], keepdims=1),          # (2, 1, 4)
+             _n("Greater", ["m", "t"], ["c"]),                              # condition (2, 1, 4)
+             _n("Exp", ["x"], ["e"]), _n("Mul", ["m", "two"], ["m2"]),
+             _n("Where", ["c", "e", "m2"], ["w"]),                          # (2, 3, 4) from (2, 3, 4) and (2, 1, 4)
+             _n("Where", ["c", "w", "k"], ["y"])]                           # a constant branch
+    x = _away_from(np.random.default_rng(25).standard_normal((2, 3, 4)).astype(np.float32), [0.1], gap=0.02)
+    _op_case(nodes, x.shape, {"t": np.float32(0.1), "two": np.float32(2), "k": np.float32(-1)}, x=x)
+
+
+def test_expand_to_a_data_shape_and_to_a_constant_shape():
+    nodes = [_n("ReduceMean", ["x"], ["m"], axes=[2], keepdims=1),         # (2, 3, 1)
+             _n("Shape", ["x"], ["xs"]), _n("Expand", ["m", "xs"], ["e1"]),  # back to (2, 3, 4)
+             _n("Mul", ["e1", "x"], ["p"]),
+             _n("Expand", ["p", "big"], ["y"])]                             # (5, 2, 3, 4): a new leading axis
+    _op_case(nodes, (2, 3, 4), {"big": np.array([5, 2, 1, 4], np.int64)})
+
+
+@pytest.mark.parametrize("starts,ends,axes,steps", [
+    ([1], [3], [1], None),                                  # one axis, no steps input
+    ([0, -3], [2, np.iinfo(np.int64).max], [0, -1], [1, 1]),  # negative start and axis, end past the size
+    ([0, 0], [5, 6], [2, 1], [2, 2]),                       # stride 2 (Swin's patch merging)
+    ([-1], [-7], [2], [-2]),                                # reversed with a stride
+    ([4], [0], [2], [-1]),                                  # reversed, stopping before index 0
+])
+def test_slice(starts, ends, axes, steps):
+    inits = {"st": np.array(starts, np.int64), "en": np.array(ends, np.int64), "ax": np.array(axes, np.int64)}
+    ins = ["x", "st", "en", "ax"]
+    if steps is not None:
+        inits["sp"] = np.array(steps, np.int64)
+        ins.append("sp")
+    _op_case([_n("Slice", ins, ["y"])], (2, 4, 5), inits)
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 17, 18])
+def test_slice_split_and_reduce_across_opsets(opset):
+    """Slice (attributes before opset 10), Split (attribute before 13, input after, num_outputs at 18) and
+    ReduceMean/ReduceSum (axes input from 13/18): canonicalize upgrades the older forms; each gradient holds."""
+    if opset < 10:
+        sl = _n("Slice", ["x"], ["s"], starts=[1], ends=[4], axes=[2])
+        sl_inits = {}
+    else:
+        sl = _n("Slice", ["x", "st", "en", "ax"], ["s"])
+        sl_inits = {"st": np.array([1], np.int64), "en": np.array([4], np.int64), "ax": np.array([-1], np.int64)}
+    if opset < 13:
+        sp = _n("Split", ["s"], ["a", "b"], axis=1, split=[1, 2])
+        red = [_n("ReduceMean", ["a"], ["ra"], axes=[-1], keepdims=1), _n("ReduceSum", ["b"], ["rb"], axes=[1],
+                                                                          keepdims=1)]
+        sp_inits = {}
+    else:
+        sp = (_n("Split", ["s"], ["a", "b"], axis=1, num_outputs=2) if opset >= 18 else
+              _n("Split", ["s", "parts"], ["a", "b"], axis=1))
+        sp_inits = {"parts": np.array([1, 2], np.int64)} if opset < 18 else {}
+        mean = (_n("ReduceMean", ["a", "ax1"], ["ra"], keepdims=1) if opset >= 18
+                else _n("ReduceMean", ["a"], ["ra"], axes=[-1], keepdims=1))
+        red = [mean, _n("ReduceSum", ["b", "ax2"], ["rb"], keepdims=1)]
+        sp_inits.update({"ax1": np.array([-1], np.int64), "ax2": np.array([1], np.int64)})
+    nodes = [sl, sp, *red, _n("Mul", ["ra", "rb"], ["y"])]  # (num_outputs=2 splits 3 channels as 2 + 1)
+    _op_case(nodes, (2, 3, 5), {**sl_inits, **sp_inits}, opset=opset, canonical=True)
+
+
+@pytest.mark.parametrize("use", [["a", "b", "c"], ["a", "c"]])
+def test_split_with_an_unused_output(use):
+    nodes = [_n("Split", ["x", "parts"], ["a", "b", "c"], axis=-1),
+             _n("Mul", [use[0], use[0]], ["sq"]), _n("Concat", ["sq"] + use[1:], ["y"], axis=-1)]
+    _op_case(nodes, (2, 3, 6), {"parts": np.array([2, 1, 3], np.int64)})
+
+
+@pytest.mark.parametrize("mode,pads", [("reflect", [0, 0, 1, 2, 0, 0, 2, 1]), ("edge", [0, 1, 2, 0, 0, 0, 1, 3]),
+                                       ("wrap", [0, 0, 2, 1, 0, 0, 1, 2])])
+def test_pad_modes(mode, pads):
+    opset = 19 if mode == "wrap" else 17
+    nodes = [_n("Pad", ["x", "p"], ["y"], mode=mode)]
+    _op_case(nodes, (1, 2, 4, 5), {"p": np.array(pads, np.int64)}, opset=opset)
+
+
+def test_pad_cropping_equals_slice_then_pad():
+    """Negative pads crop (the numpy reference cannot run them): the gradient must equal that of the same map
+    written as Slice + Pad."""
+    rng = np.random.default_rng(28)
+    x = rng.standard_normal((1, 2, 4, 5)).astype(np.float32)
+    seed = rng.standard_normal((1, 3, 5, 5)).astype(np.float32)
+    crop = make_model([_n("Pad", ["x", "p"], ["y"], mode="constant")], [("x", x.shape)], [("y", None)],
+                      {"p": np.array([0, 0, -1, 1, 0, 1, 2, -1], np.int64)})
+    twin = make_model([_n("Slice", ["x", "st", "en", "ax"], ["s"]), _n("Pad", ["s", "p"], ["y"], mode="constant")],
+                      [("x", x.shape)], [("y", None)],
+                      {"st": np.array([1, 0], np.int64), "en": np.array([4, 4], np.int64),
+                       "ax": np.array([2, 3], np.int64), "p": np.array([0, 0, 0, 1, 0, 1, 2, 0], np.int64)})
+    grads = [session(append_vjp(m, "y", ["x"])).run([grad_name("x")], {"x": x, "y__seed": seed})[0]
+             for m in (crop, twin)]
+    np.testing.assert_array_equal(grads[0], grads[1])
+    assert np.abs(grads[0]).sum() > 0
+
+
+def test_pad_with_axes_input_opset18():
+    nodes = [_n("Pad", ["x", "p", "", "ax"], ["y"], mode="constant")]
+    _op_case(nodes, (2, 3, 4), {"p": np.array([1, 2, 0, 1], np.int64), "ax": np.array([-1, 1], np.int64)}, opset=18)
+
+
+def test_mod_on_data_with_gradients_to_both_operands():
+    """a mod b (fmod=1: onnxruntime computes float Mod only as fmod before opset 28): da = 1, db = -trunc(a/b);
+    inputs are drawn away from the jumps (a/b an integer)."""
+    rng = np.random.default_rng(26)
+    x = rng.uniform(-3, 3, 200)
+    a, den = x * 1.7 - 0.2, np.abs(x) + 1
+    far = lambda r: np.abs(r - np.round(r)) > 0.05  # noqa: E731
+    x = x[far(a / 0.7) & far(5.3 / den)][:6].reshape(2, 3).astype(np.float32)
+    fmod = 1
+    nodes = [_n("Mul", ["x", "k1"], ["x1"]), _n("Sub", ["x1", "k2"], ["a"]), _n("Mod", ["a", "d"], ["m1"], fmod=fmod),
+             _n("Abs", ["x"], ["ax"]), _n("Add", ["ax", "one"], ["den"]), _n("Mod", ["num", "den"], ["m2"], fmod=fmod),
+             _n("Add", ["m1", "m2"], ["y"])]
+    inits = {"k1": np.float32(1.7), "k2": np.float32(0.2), "d": np.float32(0.7), "num": np.float32(5.3),
+             "one": np.float32(1)}
+    _op_case(nodes, x.shape, inits, x=x)
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0, 0.5, "activation", "int"])
+def test_sqrt_and_pow(p):
+    x = np.random.default_rng(27).uniform(0.3, 2.0, (2, 3, 4)).astype(np.float32)
+    nodes = [_n("Sqrt", ["x"], ["s"])]
+    if p == "activation":
+        nodes += [_n("Mul", ["x", "c"], ["e"]), _n("Pow", ["s", "e"], ["y"])]
+        inits = {"c": np.float32(0.7)}
+    else:
+        nodes += [_n("Pow", ["s", "p"], ["y"])]
+        inits = {"p": np.array(3, np.int64) if p == "int" else np.float32(p)}
+    _op_case(nodes, x.shape, inits, x=x)
+
+
+def test_reduce_mean_opset18_negative_axes_and_concat_negative_axis():
+    nodes = [_n("ReduceMean", ["x", "ax"], ["m"], keepdims=0),          # (2, 4)
+             _n("Unsqueeze", ["m", "u"], ["mu"]),                        # (2, 1, 4)
+             _n("Concat", ["x", "mu"], ["y"], axis=-2)]
+    _op_case(nodes, (2, 3, 4), {"ax": np.array([-2], np.int64), "u": np.array([1], np.int64)}, opset=18)

@@ -44,6 +44,10 @@ class VJPBuilder:
         self.prefix = prefix
         self.infos: dict[str, TensorInfo] = tensor_infos(model)
         self.inits = initializers(model.graph)
+        for node in model.graph.node:  # Constant nodes hold constants too (unfolded graphs, hand-built tests)
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if node.op_type == "Constant" and value is not None:
+                self.inits.setdefault(node.output[0], value)
         self.opset = opset_of(model)
         self.new_nodes: list[onnx.NodeProto] = []
         self.new_inits: list[onnx.TensorProto] = []
