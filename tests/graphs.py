@@ -77,7 +77,30 @@ def _float64_ops():
                 y = 0.5 * x * (1 + erf(x / np.sqrt(2)))
             return (y.astype(x.dtype),)
 
-    return [Erf, Gelu]
+    class LRN(OpRun):
+        """The spec's formula (onnx's reference LRN differs from it and from onnxruntime)."""
+
+        op_domain = ""
+
+        def _run(self, x, alpha=1e-4, beta=0.75, bias=1.0, size=None):
+            sq, lo, hi = x * x, (size - 1) // 2, size - 1 - (size - 1) // 2
+            total = np.zeros_like(x)
+            for c in range(x.shape[1]):
+                total[:, c] = sq[:, max(0, c - lo):min(x.shape[1] - 1, c + hi) + 1].sum(1)
+            return ((x / (bias + alpha / size * total) ** beta).astype(x.dtype),)
+
+    class GroupNormalization(OpRun):
+        """Its function body casts to stash_type (float32) for the statistics."""
+
+        op_domain = ""
+
+        def _run(self, x, scale, bias, epsilon=1e-5, num_groups=None, stash_type=1):
+            g = x.reshape(x.shape[0], num_groups, -1)
+            xhat = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + epsilon)).reshape(x.shape)
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            return ((xhat * scale.reshape(shape) + bias.reshape(shape)).astype(x.dtype),)
+
+    return [Erf, Gelu, LRN, GroupNormalization]
 
 
 class Float64Reference:

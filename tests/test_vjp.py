@@ -305,10 +305,10 @@ def test_guided_rule_covers_clip():
 
 # --- ops beyond the classic CNN set (transformers, ConvNeXt, ShuffleNet, Caffe-era and timm exports) ---------
 
-def _op_case(nodes, x_shape, inits=None, opset=17, x=None, seed=20, canonical=False, **check):
+def _op_case(nodes, x_shape, inits=None, opset=17, x=None, seed=20, canonical=False, y_shape=None, **check):
     """FD-check d(seed . y)/dx for a graph from input "x" to output "y" (canonicalised first when asked, to
     test what the version converter makes of older opsets)."""
-    model = make_model(nodes, [("x", x_shape)], [("y", None)], inits or {}, opset=opset)
+    model = make_model(nodes, [("x", x_shape)], [("y", y_shape)], inits or {}, opset=opset)
     if canonical:
         from graph_passes import canonicalize
 
@@ -518,3 +518,220 @@ def test_reduce_mean_opset18_negative_axes_and_concat_negative_axis():
              _n("Unsqueeze", ["m", "u"], ["mu"]),                        # (2, 1, 4)
              _n("Concat", ["x", "mu"], ["y"], axis=-2)]
     _op_case(nodes, (2, 3, 4), {"ax": np.array([-2], np.int64), "u": np.array([1], np.int64)}, opset=18)
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_lrn(size):
+    """AlexNet/GoogLeNet's LRN (onnxruntime runs odd windows only). The float64 reference is the spec's
+    formula: onnx's reference LRN disagrees with both the spec and onnxruntime."""
+    x = np.random.default_rng(29).standard_normal((1, 5, 3, 2)).astype(np.float32) * 2
+    _op_case([_n("LRN", ["x"], ["y"], size=size, alpha=0.3, beta=0.75, bias=1.5)], x.shape, x=x)
+
+
+def test_instance_normalization():
+    rng = np.random.default_rng(30)
+    inits = {"s": rng.uniform(0.5, 1.5, 3).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32)}
+    _op_case([_n("InstanceNormalization", ["x", "s", "b"], ["y"], epsilon=1e-3)], (2, 3, 2, 3), inits)
+
+
+@pytest.mark.parametrize("groups", [2, 4, 1])
+def test_group_normalization(groups):
+    """Opset 21 (one scale per channel); the opset 18 form is deprecated and the checker refuses it."""
+    rng = np.random.default_rng(31)
+    inits = {"s": rng.uniform(0.5, 1.5, 4).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+    _op_case([_n("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=groups, epsilon=1e-3)], (2, 4, 3, 2),
+             inits, opset=21, y_shape=(2, 4, 3, 2))  # (onnx infers no shape for it)
+
+
+@pytest.mark.parametrize("equation,other_shape,x_shape", [
+    ("bij,jk->bik", (4, 5), (2, 3, 4)),          # a constant weight (timm's einsum linear)
+    ("bhqd,bhkd->bhqk", "self", (1, 2, 3, 4)),   # attention scores of two activations
+    ("ij,kj", (5, 4), (3, 4)),                   # implicit output "ik"
+    ("...ij,jk->...ik", (4, 2), (2, 3, 4)),     # ellipsis
+    ("...ij,...jk->...ik", (1, 4, 2), (2, 3, 4)),  # the weight's ellipsis broadcast against the input's
+    ("bij,bj->bi", "self_row", (2, 3, 4)),       # an operand shared with another operand of the same input
+    ("ijk->ik", None, (2, 3, 4)),                # a subscript summed away: its gradient broadcasts back
+])
+def test_einsum(equation, other_shape, x_shape):
+    rng = np.random.default_rng(32)
+    inits = {}
+    if other_shape is None:
+        nodes = [_n("Einsum", ["x"], ["y"], equation=equation)]
+    elif other_shape == "self":
+        nodes = [_n("Mul", ["x", "k"], ["x2"]), _n("Einsum", ["x", "x2"], ["y"], equation=equation)]
+        inits["k"] = np.float32(0.7)
+    elif other_shape == "self_row":
+        nodes = [_n("ReduceMean", ["x"], ["r"], axes=[1], keepdims=0), _n("Einsum", ["x", "r"], ["y"], equation=equation)]
+    else:
+        inits["w"] = rng.standard_normal(other_shape).astype(np.float32)
+        nodes = [_n("Einsum", ["x", "w"], ["y"], equation=equation)]
+    _op_case(nodes, x_shape, inits)
+
+
+def test_einsum_gradient_of_the_second_operand():
+    """The activation as the second operand, with the weight's ellipsis broadcast (sum back over it)."""
+    rng = np.random.default_rng(33)
+    w = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    _op_case([_n("Einsum", ["w", "x"], ["y"], equation="...ij,...jk->...ik")], (1, 4, 2), {"w": w})
+
+
+@pytest.mark.parametrize("op,kw,opset", [
+    ("ReduceMax", dict(axes=[1], keepdims=1), 17), ("ReduceMax", dict(keepdims=0), 17),
+    ("ReduceMin", dict(axes=[-1, 0], keepdims=0), 17), ("ReduceMax", dict(keepdims=0, ax=[-2]), 18),
+    ("ReduceL1", dict(axes=[2], keepdims=1), 17), ("ReduceL2", dict(axes=[1, 2], keepdims=0), 17),
+    ("ReduceSumSquare", dict(keepdims=1, ax=[0]), 18), ("ReduceLogSumExp", dict(axes=[-1], keepdims=0), 17),
+])
+def test_reductions(op, kw, opset):
+    x = np.random.default_rng(34).permutation(24).astype(np.float32).reshape(2, 3, 4) * 0.1 - 1.15  # no ties
+    x = _away_from(x, [0.0])
+    inits, ins = {}, ["x"]
+    if "ax" in kw:
+        inits["ax"] = np.array(kw.pop("ax"), np.int64)
+        ins.append("ax")
+    _op_case([_n(op, ins, ["y"], **kw)], x.shape, inits, opset=opset, x=x)
+
+
+def test_max_ties_split_the_gradient_evenly():
+    """As autograd's amax and maximum: tied maxima share the gradient equally."""
+    x = np.array([[[1.0, 3.0, 3.0, 0.0]]], np.float32)
+    for nodes, expect in [
+        ([_n("ReduceMax", ["x"], ["y"], axes=[2], keepdims=1)], [[[0, 0.5, 0.5, 0]]]),
+        ([_n("GlobalMaxPool", ["x"], ["y"])], [[[0, 0.5, 0.5, 0]]]),
+        ([_n("Max", ["x", "c"], ["y"])], [[[0.5, 1, 1, 0]]]),
+    ]:
+        model = make_model(nodes, [("x", x.shape)], [("y", None)], {"c": np.float32(1.0)})
+        y = session(model).run(["y"], {"x": x})[0]
+        g = session(append_vjp(model, "y", ["x"])).run([grad_name("x")], {"x": x, "y__seed": np.ones_like(y)})[0]
+        np.testing.assert_allclose(g, np.array(expect, np.float32))
+
+
+def test_variadic_min_max_mean_with_broadcasting():
+    rng = np.random.default_rng(35)
+    x = rng.permutation(24).astype(np.float32).reshape(2, 3, 4) * 0.1
+    nodes = [_n("ReduceMean", ["x"], ["m"], axes=[2], keepdims=1),
+             _n("Exp", ["x"], ["e"]),
+             _n("Max", ["x", "m", "c"], ["mx"]), _n("Min", ["e", "m"], ["mn"]),
+             _n("Mean", ["mx", "mn", "x"], ["y"])]
+    m = x.mean(2, keepdims=True)
+    x = np.where(np.abs(x - m) < 2e-3, x + 5e-3, x).astype(np.float32)
+    _op_case(nodes, x.shape, {"c": np.float32(0.9)}, x=x)
+
+
+def test_global_maxpool():
+    x = np.random.default_rng(36).permutation(2 * 3 * 4 * 5).astype(np.float32).reshape(2, 3, 4, 5) * 0.01
+    _op_case([_n("GlobalMaxPool", ["x"], ["y"])], x.shape, x=x)
+
+
+@pytest.mark.parametrize("op,kw,kinks,opset", [
+    ("Abs", {}, [0.0], 17), ("Softplus", {}, [], 17), ("Mish", {}, [], 18), ("Elu", dict(alpha=0.7), [0.0], 17),
+    ("Selu", {}, [0.0], 17), ("Celu", dict(alpha=1.3), [0.0], 17), ("ThresholdedRelu", dict(alpha=0.2), [0.2], 17),
+    ("Softsign", {}, [], 17), ("Erf", {}, [], 17),
+])
+def test_smooth_and_piecewise_activations(op, kw, kinks, opset):
+    x = _away_from(np.random.default_rng(37).standard_normal((2, 3, 4)).astype(np.float32) * 2, kinks)
+    _op_case([_n(op, ["x"], ["y"], **kw)], x.shape, x=x, opset=opset)
+
+
+def test_log_reciprocal_prelu_and_zero_gradient_ops():
+    """Log and Reciprocal on a positive tensor; PRelu with a per-channel slope; Floor/Round add nothing."""
+    rng = np.random.default_rng(38)
+    x = _away_from(rng.standard_normal((2, 3, 4)).astype(np.float32), [0.0])
+    nodes = [_n("Abs", ["x"], ["a"]), _n("Add", ["a", "one"], ["p"]), _n("Log", ["p"], ["l"]),
+             _n("Reciprocal", ["p"], ["r"]), _n("PRelu", ["x", "slope"], ["pr"]),
+             _n("Floor", ["x"], ["f"]), _n("Round", ["x"], ["rd"]), _n("Sign", ["x"], ["sg"]),
+             _n("Sum", ["l", "r", "pr", "f", "rd", "sg"], ["y"])]
+    inits = {"one": np.float32(1), "slope": np.array([[0.1], [0.3], [-0.2]], np.float32)}
+    _op_case(nodes, x.shape, inits, x=x)
+
+
+@pytest.mark.parametrize("op,kw,shape", [
+    ("DepthToSpace", dict(blocksize=2, mode="DCR"), (1, 8, 2, 3)),
+    ("DepthToSpace", dict(blocksize=2, mode="CRD"), (2, 8, 3, 2)),
+    ("SpaceToDepth", dict(blocksize=2), (1, 2, 4, 6)),
+])
+def test_depth_space_permutations(op, kw, shape):
+    _op_case([_n(op, ["x"], ["y"], **kw)], shape)
+
+
+def test_tile():
+    _op_case([_n("Tile", ["x", "r"], ["y"])], (2, 3, 2), {"r": np.array([1, 2, 3], np.int64)})
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", [
+    ((1, 3, 4, 4), (3, 2, 3, 3), dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1])),
+    ((1, 2, 4, 4), (2, 3, 3, 3), dict(dilations=[2, 1], pads=[2, 0, 3, 1])),  # end pads past the stride: a crop
+    ((2, 2, 3, 3), (2, 2, 2, 2), dict(strides=[2, 2])),
+    ((1, 2, 5), (2, 3, 4), dict(strides=[3], pads=[1, 2], auto_pad="NOTSET")),  # 1-D
+])
+def test_conv_transpose(x_shape, w_shape, attrs):
+    rng = np.random.default_rng(39)
+    w = rng.standard_normal(w_shape).astype(np.float32) * 0.5
+    c_out = w_shape[1] * attrs.get("group", 1)
+    bias = rng.standard_normal(c_out).astype(np.float32)
+    _op_case([_n("ConvTranspose", ["x", "w", "b"], ["y"], **attrs)], x_shape, {"w": w, "b": bias})
+
+
+def test_grouped_conv_transpose_equals_its_groups():
+    """onnx's reference ConvTranspose cannot run groups, so the grouped gradient is checked against the same
+    map written as one ConvTranspose per group (each checked above) and a Concat."""
+    rng = np.random.default_rng(41)
+    w = rng.standard_normal((4, 1, 2, 3)).astype(np.float32)
+    attrs = dict(strides=[2, 1], pads=[0, 1, 1, 0])
+    x = rng.standard_normal((1, 4, 3, 5)).astype(np.float32)
+    grouped = make_model([_n("ConvTranspose", ["x", "w"], ["y"], group=2, **attrs)], [("x", x.shape)], [("y", None)],
+                         {"w": w})
+    split = make_model([_n("Split", ["x", "two"], ["x1", "x2"], axis=1),
+                        _n("ConvTranspose", ["x1", "w1"], ["y1"], **attrs), _n("ConvTranspose", ["x2", "w2"], ["y2"], **attrs),
+                        _n("Concat", ["y1", "y2"], ["y"], axis=1)], [("x", x.shape)], [("y", None)],
+                       {"w1": w[:2], "w2": w[2:], "two": np.array([2, 2], np.int64)})
+    y = session(grouped).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(y, session(split).run(["y"], {"x": x})[0], rtol=1e-5, atol=1e-5)
+    seed = rng.standard_normal(y.shape).astype(np.float32)
+    g1, g2 = (session(append_vjp(m, "y", ["x"])).run([grad_name("x")], {"x": x, "y__seed": seed})[0]
+              for m in (grouped, split))
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-5)
+
+
+_RESIZE_CASES = [
+    dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor", scales=[1, 1, 2, 2]),
+    dict(mode="nearest", scales=[1, 1, 1.5, 0.5]),                                   # half_pixel, round_prefer_floor
+    dict(mode="nearest", coordinate_transformation_mode="align_corners", nearest_mode="ceil", sizes=[1, 2, 7, 3]),
+    dict(mode="linear", scales=[1, 1, 2, 2]),                                        # bilinear, half_pixel
+    dict(mode="linear", coordinate_transformation_mode="align_corners", sizes=[1, 2, 7, 9]),
+    dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel", scales=[1, 1, 0.5, 1.5]),
+    dict(mode="linear", coordinate_transformation_mode="asymmetric", scales=[1, 1, 3, 1]),
+    dict(mode="cubic", cubic_coeff_a=-0.75, scales=[1, 1, 2, 2]),
+    dict(mode="cubic", exclude_outside=1, sizes=[1, 2, 5, 3]),
+    dict(mode="linear", antialias=1, scales=[1, 1, 0.5, 0.75], opset=18),
+    dict(mode="linear", axes=[3, 2], scales=[1.5, 2], opset=18),
+    dict(mode="linear", coordinate_transformation_mode="tf_crop_and_resize", roi=[0, 0, 0.1, -0.1, 1, 1, 0.9, 0.95],  # W starts outside: extrapolated
+         extrapolation_value=0.5, sizes=[1, 2, 5, 5]),
+]
+
+
+@pytest.mark.parametrize("case", _RESIZE_CASES, ids=lambda c: f"{c['mode']}-{c.get('coordinate_transformation_mode', '')}")
+def test_resize(case):
+    """The gradient is one interpolation matrix per resized axis; onnxruntime's forward must be the reference's
+    (the matrices come from the reference)."""
+    case = dict(case)
+    opset = case.pop("opset", 17)
+    inits = {"roi": np.array(case.pop("roi", []), np.float32)}
+    ins = ["x", "roi"]
+    if "scales" in case:
+        inits["scales"] = np.array(case.pop("scales"), np.float32)
+        ins.append("scales")
+    else:
+        inits["sizes"] = np.array(case.pop("sizes"), np.int64)
+        ins += ["", "sizes"]
+    nodes = [_n("Resize", ins, ["y"], **case)]
+    x = np.random.default_rng(40).standard_normal((1, 2, 4, 6)).astype(np.float32)
+    model = make_model(nodes, [("x", x.shape)], [("y", None)], inits, opset=opset)
+    np.testing.assert_allclose(session(model).run(["y"], {"x": x})[0], Float64Reference(model).run(["y"], {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
+    _op_case(nodes, x.shape, inits, opset=opset, x=x)
+
+
+def test_upsample_from_opset9_through_canonicalize():
+    nodes = [_n("Upsample", ["x", "sc"], ["u"], mode="nearest"), _n("Upsample", ["u", "sc2"], ["y"], mode="linear")]
+    inits = {"sc": np.array([1, 1, 2, 2], np.float32), "sc2": np.array([1, 1, 1.5, 1], np.float32)}
+    _op_case(nodes, (1, 2, 2, 3), inits, opset=9, canonical=True)

@@ -164,6 +164,7 @@ def _resize_matrix(b, node, d_in: int, d_out: int, scale: float | None, roi: tup
     keep = {"mode", "coordinate_transformation_mode", "cubic_coeff_a", "exclude_outside", "extrapolation_value",
             "nearest_mode", "antialias"}
     node_attrs = {k: v for k, v in attrs(node).items() if k in keep}
+    node_attrs["extrapolation_value"] = 0.0  # the constant outside the crop box is an offset, not a weight
     opset = max(b.opset, 18) if node_attrs.get("antialias") else max(b.opset, 13)
     inputs = ["x", "roi"]
     inits = [onnx.numpy_helper.from_array(np.array(
@@ -176,10 +177,11 @@ def _resize_matrix(b, node, d_in: int, d_out: int, scale: float | None, roi: tup
         inits.append(onnx.numpy_helper.from_array(np.array([d_in, d_out], np.int64), "sizes"))
     graph = helper.make_graph(
         [helper.make_node("Resize", inputs, ["y"], **node_attrs)], "axis",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [d_in, d_in])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+        [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [d_in, d_in])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    out = ReferenceEvaluator(model).run(None, {"x": np.eye(d_in, dtype=np.float32)})[0]
+    # float64 coordinates: a sample landing exactly on the crop box's edge stays inside, as in onnxruntime
+    out = ReferenceEvaluator(model).run(None, {"x": np.eye(d_in, dtype=np.float64)})[0]
     if out.shape != (d_in, d_out):
         unsupported(b, f"cannot reproduce the resize along one axis ({d_in} -> {d_out}, got {out.shape[1]})")
     return out.T.astype(np.float64)

@@ -1,5 +1,4 @@
-"""Backward rules of the normalisers: LayerNormalization, InstanceNormalization, GroupNormalization (opset 18
-per-group and opset 21 per-channel affine) and LRN. The statistics are recomputed from the input in the
+"""Backward rules of the normalisers: LayerNormalization, InstanceNormalization, GroupNormalization and LRN. The statistics are recomputed from the input in the
 backward graph (a few reductions), rather than asking the forward node for its optional outputs."""
 
 from __future__ import annotations
@@ -67,30 +66,15 @@ def instance_norm_rule(b, node, gy, want):
 
 
 def group_norm_rule(b, node, gy, want):
+    """GroupNormalization-21 (one scale per channel; the per-group opset 18 form is deprecated and refused by
+    the ONNX checker): normalise each of the num_groups channel groups over its channels and spatial axes."""
     if any(want[1:]):
         unsupported(b, "gradients of GroupNormalization's scale and bias are not supported")
     x, scale = node.input[0], node.input[1]
-    shape = b.static_shape(x, "GroupNormalization backward")
-    rank, channels = len(shape), shape[1]
+    rank = rank_of(b, x, "GroupNormalization backward")
     groups = int(attrs(node)["num_groups"])
-    if channels is None:
-        unsupported(b, "the channel count must be static")
-    s_shape = b.shape(scale)
-    # opset 18 gives one scale per group, opset 21 one per channel (they coincide when groups == channels)
-    per_group = (s_shape[0] == groups and groups != channels) if s_shape and s_shape[0] is not None else (
-        b.opset < 21)
-    if per_group:
-        value = b.value(scale)
-        if value is not None:
-            s = b.const(np.repeat(value.astype(np.float32), channels // groups).reshape([-1] + [1] * (rank - 2)))
-        else:
-            wide = b.add("Expand", [b.add("Reshape", [scale, b.const([groups, 1], np.int64)]),
-                                    b.const([groups, channels // groups], np.int64)])
-            s = b.add("Reshape", [wide, b.const([-1] + [1] * (rank - 2), np.int64)])
-    else:
-        s = _per_channel(b, scale, rank)
     grouped = b.const([0, groups, -1], np.int64)
-    gh = b.add("Reshape", [b.add("Mul", [gy[0], s]), grouped])
+    gh = b.add("Reshape", [b.add("Mul", [gy[0], _per_channel(b, scale, rank)]), grouped])
     gx, _ = normalize_backward(b, b.add("Reshape", [x, grouped]), [2], attrs(node).get("epsilon", 1e-5), gh)
     return [b.add("Reshape", [gx, b.add("Shape", [x])]), None, None]
 
