@@ -280,7 +280,7 @@ def test_unsupported_ops_listed_before_emission():
     model = make_model(nodes, [("x", (1, 3))], [("y", None)])
     with pytest.raises(UnsupportedOpsError) as err:
         append_vjp(model, "y", ["x"])
-    assert str(err.value) == "no backward rule for 2 node(s): sine (Sin), cosine (Cos)"
+    assert str(err.value) == "no backward rule for 2 node(s): Sin (1: sine); Cos (1: cosine)"
 
 
 def test_unknown_tensor_and_weight():

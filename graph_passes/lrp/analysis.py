@@ -10,11 +10,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .._graph import attrs, consumers, initializers, producers, tensor_infos
+from .._graph import ancestors, attrs, consumers, initializers, producers, tensor_infos
 from ..vjp import NON_DIFFERENTIABLE
 from .rules import LRPRule
 
-LINEAR_OPS = ("Conv", "Gemm", "MatMul")
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+CONV_OPS = ("Conv", "ConvTranspose")
 
 @dataclass
 class LinearLayer:
@@ -39,11 +40,19 @@ class LRPAnalysis:
     nodes: dict = field(default_factory=dict)         # node name -> NodeProto
     activations: set = field(default_factory=set)     # tensors that depend on a graph input
     floor_zero: set = field(default_factory=set)      # Relu and Clip(0, .) nodes: output <= 0 iff input <= 0
+    normalising_divs: set = field(default_factory=set)  # Div nodes whose divisor is computed from the numerator
 
 
 _NONNEG_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
                       "Squeeze", "Unsqueeze", "Transpose", "Concat", "Identity", "Dropout", "ReduceMean",
-                      "ReduceMax", "Pad", "Split", "Slice", "Resize"}
+                      "ReduceMax", "Pad", "Split", "Slice", "Resize", "Gather", "Expand", "Tile", "DepthToSpace",
+                      "SpaceToDepth"}
+
+# Elementwise ops: a tensor computed from one activation through these alone is a pointwise function of it
+# (its "root"), e.g. the (erf(x / sqrt 2) + 1) of an exported GELU or the tanh(softplus(x)) of Mish.
+POINTWISE_OPS = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Exp", "Log", "Erf",
+                 "Softplus", "Softsign", "Mish", "Gelu", "Elu", "Selu", "Celu", "Abs", "Neg", "Sqrt", "Pow",
+                 "Reciprocal", "Add", "Sub", "Mul", "Div", "Cast", "Identity"}
 
 
 def _channel_vector(value: np.ndarray, kind: str, out_rank: int, channels: int) -> np.ndarray | None:
@@ -84,14 +93,18 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                 continue
             if op == "MatMul" and const(node.input[1]).ndim != 2:
                 continue
-            kind = "conv" if op == "Conv" else "dense"
+            kind = "conv" if op in CONV_OPS else "dense"
             layer = LinearLayer(node.name, op, kind, out=node.output[0])
             w = const(node.input[1])
-            channels = w.shape[0] if op == "Conv" else (
-                w.shape[0] if op == "Gemm" and attrs(node).get("transB", 0) else w.shape[1])
+            if op == "Conv":
+                channels = w.shape[0]
+            elif op == "ConvTranspose":  # weight (C_in, M / group, k...)
+                channels = w.shape[1] * attrs(node).get("group", 1)
+            else:
+                channels = w.shape[0] if op == "Gemm" and attrs(node).get("transB", 0) else w.shape[1]
             out_info = infos.get(node.output[0])
             rank = len(out_info.shape) if out_info is not None and out_info.shape is not None else (
-                4 if op == "Conv" else 2)
+                4 if kind == "conv" else 2)
             # fuse affine tails: single consumer, constant params, broadcast along channels
             t = node.output[0]
             while t not in outputs and len(cons.get(t, [])) == 1:
@@ -130,6 +143,7 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
         elif any(o in before_linear for o in node.output):
             before_linear.update(i for i in node.input if i)
     # residual adds, gates, non-negative tensors
+    root = _pointwise_roots(g, live, inits)
     for node in g.node:
         op = node.op_type
         if op in ("Add", "Sum", "Sub") and node.name not in a.tail_of:
@@ -144,6 +158,13 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                 gate = [s is not None and s.op_type in ("Sigmoid", "HardSigmoid") for s in srcs]
                 if gate[0] != gate[1]:
                     a.gates[node.name] = 1 if gate[0] else 0
+                else:
+                    signal = _pointwise_signal(node, root, prod, inits)
+                    if signal is not None:
+                        a.gates[node.name] = signal
+        if op == "Div" and len(node.input) == 2 and all(i in live for i in node.input):
+            if node.input[0] in ancestors(g, [node.input[1]]):
+                a.normalising_divs.add(node.name)
         if op == "Relu" or op == "Sigmoid" or op == "HardSigmoid" or op == "Softmax":
             a.nonneg.add(node.output[0])
             if op == "Relu":
@@ -165,6 +186,43 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                     continue
             a.nonneg.update(o for o in node.output if o)
     return a
+
+
+def _pointwise_roots(g: onnx.GraphProto, live: set, inits) -> dict:
+    """tensor -> the activation it is a pointwise function of (itself when it is not one: a Conv output...)."""
+    root: dict = {}
+    for node in g.node:
+        ins = [i for i in node.input if i in live]
+        if not ins:
+            continue
+        roots = {root.get(i, i) for i in ins}
+        others_const = all(i in inits or i in live for i in node.input if i)
+        for o in node.output:
+            if o:
+                root[o] = roots.pop() if (node.op_type in POINTWISE_OPS and len(roots) == 1 and others_const) else o
+    return root
+
+
+def _pointwise_signal(node: onnx.NodeProto, root: dict, prod: dict, inits) -> int | None:
+    """For a Mul of two activations that are pointwise functions of one tensor x, such as x * (erf(x/sqrt 2)+1)
+    (exported GELU) or x * tanh(softplus(x)) (Mish): the index of the operand that is x itself (or x scaled by a
+    constant); the other is the gate. None when neither or both are."""
+    a, c = node.input
+    if root.get(a, a) != root.get(c, c) or a == c:
+        return None
+    x = root.get(a, a)
+
+    def is_signal(t):
+        if t == x:
+            return True
+        src = prod.get(t)
+        if src is None or src.op_type not in ("Mul", "Div") or len(src.input) != 2:
+            return False
+        first, second = src.input
+        return (first == x and second in inits) or (src.op_type == "Mul" and second == x and first in inits)
+
+    hits = [i for i, t in enumerate((a, c)) if is_signal(t)]
+    return hits[0] if len(hits) == 1 else None
 
 
 def positive_support(rules: Mapping[str, LRPRule], analysis: LRPAnalysis, start: str | None) -> set:

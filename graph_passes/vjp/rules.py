@@ -213,18 +213,17 @@ def conv_rule(b, node, gy, want):
     return [gx] + [None] * (len(node.input) - 1)
 
 
-def conv_transpose_rule(b, node, gy, want):
-    """ConvTranspose is the adjoint of Conv, so its gradient is a Conv with the same weight and geometry: the
-    begin pads shift as in the forward; the end is padded (or cropped) so the result has the input's size."""
-    if any(want[1:]):
-        _unsupported(b, "gradients of weights or biases are not supported (differentiate activations)")
+def conv_transpose_adjoint(b, node, s: str, w: str) -> str:
+    """ConvTranspose is the adjoint of Conv, so its transpose applied to `s` (shaped like the node's output) is a
+    Conv with the weight `w` in the node's geometry: the begin pads shift as in the forward; the end is padded
+    (or cropped) so the result has the input's size."""
     a = attrs(node)
-    x, w = node.input[0], node.input[1]
+    x = node.input[0]
     auto = a.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto not in ("NOTSET", "VALID", "") or "output_shape" in a:
         _unsupported(b, "auto_pad SAME_* and output_shape are not supported (explicit pads only)")
-    kernel = list(a.get("kernel_shape", b.static_shape(w, "ConvTranspose backward")[2:]))
+    kernel = list(a.get("kernel_shape", b.static_shape(node.input[1], "ConvTranspose backward")[2:]))
     n = len(kernel)
     xs = b.static_shape(x, "ConvTranspose backward")[2:]
     ys = b.static_shape(node.output[0], "ConvTranspose backward")[2:]
@@ -239,13 +238,19 @@ def conv_transpose_rule(b, node, gy, want):
         need = (xs[i] - 1) * strides[i] + k_eff - ys[i] - pads[i]
         ends.append(max(need, 0))
         crop.append(need < 0)
-    gx = b.add("Conv", [gy[0], w], strides=strides, dilations=dil, pads=pads[:n] + ends,
-               group=a.get("group", 1), kernel_shape=kernel)
+    gx = b.add("Conv", [s, w], strides=strides, dilations=dil, pads=pads[:n] + ends, group=a.get("group", 1),
+               kernel_shape=kernel)
     if any(crop):
         axes = [2 + i for i in range(n) if crop[i]]
         gx = b.add("Slice", [gx, b.const([0] * len(axes), np.int64),
                              b.const([xs[i] for i in range(n) if crop[i]], np.int64), b.const(axes, np.int64)])
-    return [gx] + [None] * (len(node.input) - 1)
+    return gx
+
+
+def conv_transpose_rule(b, node, gy, want):
+    if any(want[1:]):
+        _unsupported(b, "gradients of weights or biases are not supported (differentiate activations)")
+    return [conv_transpose_adjoint(b, node, gy[0], node.input[1])] + [None] * (len(node.input) - 1)
 
 
 def gemm_rule(b, node, gy, want):
