@@ -92,6 +92,21 @@ def _same_shape_hints(model: onnx.ModelProto, inferred: onnx.ModelProto) -> list
     return hints
 
 
+def _known_dims(vi: onnx.ValueInfoProto) -> int:
+    tt = vi.type.tensor_type
+    return -1 if not tt.HasField("shape") else sum(d.HasField("dim_value") for d in tt.shape.dim)
+
+
+def _most_specific(value_info) -> list:
+    """One entry per tensor: shape inference appends its own entry beside a given hint instead of merging the
+    two, and readers take the first; keep the one that knows the most dims."""
+    best: dict = {}
+    for vi in value_info:
+        if vi.name not in best or _known_dims(vi) > _known_dims(best[vi.name]):
+            best[vi.name] = vi
+    return list(best.values())
+
+
 def infer(model: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
     """A copy of `model` with shapes inferred for every tensor (computed on the weight-free skeleton);
     inplace: annotate `model` itself (for a pass's own intermediate copy: saves a copy of the weights)."""
@@ -106,7 +121,7 @@ def infer(model: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
         inferred = shape_inference.infer_shapes(sk, strict_mode=False, data_prop=True)
     out = model if inplace else clone(model)
     del out.graph.value_info[:]
-    out.graph.value_info.extend(inferred.graph.value_info)
+    out.graph.value_info.extend(_most_specific(inferred.graph.value_info))
     del out.graph.output[:]
     out.graph.output.extend(inferred.graph.output)
     return out

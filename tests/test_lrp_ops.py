@@ -230,3 +230,32 @@ def test_products_of_independent_activations_stay_refused(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg
     assert "no relevance rule for 4 node(s): Mul (1: branch_product); MatMul (2: scores, mix); Softmax (1: softmax)" in msg
+
+
+def test_decomposed_gelu_and_mish_variants_are_gates():
+    """The exporters' spellings: x * (erf(x/sqrt 2) + 1) * 0.5 with a bias Add before it (legacy ConvNeXt),
+    (0.5 x) * (1 + erf(..)), the tanh form 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), and Mish as
+    x * tanh(softplus(x)); a product of two convolutions is not a gate."""
+    rng = np.random.default_rng(5)
+    c = {"w": _w(rng, 4, 3, 1, 1), "w2": _w(rng, 4, 3, 1, 1), "b": _w(rng, 1, 4, 1, 1), "r2": np.float32(1.41),
+         "one": np.float32(1), "half": np.float32(0.5), "k": np.float32(0.79), "cube": np.float32(3),
+         "a": np.float32(0.044715)}
+    nodes = [
+        _n("Conv", ["x", "w"], ["cv"]), _n("Add", ["b", "cv"], ["h"]),                       # bias Add first
+        _n("Div", ["h", "r2"], ["d"]), _n("Erf", ["d"], ["e"]), _n("Add", ["e", "one"], ["e1"]),
+        _n("Mul", ["h", "e1"], ["legacy"]), _n("Mul", ["legacy", "half"], ["g1"]),
+        _n("Mul", ["half", "g1"], ["hx"]), _n("Erf", ["g1"], ["e2"]), _n("Add", ["one", "e2"], ["e3"]),
+        _n("Mul", ["hx", "e3"], ["scaled_first"]),
+        _n("Pow", ["scaled_first", "cube"], ["p3"]), _n("Mul", ["a", "p3"], ["ap"]),
+        _n("Add", ["scaled_first", "ap"], ["inner"]), _n("Mul", ["inner", "k"], ["ik"]), _n("Tanh", ["ik"], ["t"]),
+        _n("Add", ["t", "one"], ["t1"]), _n("Mul", ["scaled_first", "half"], ["hs"]),
+        _n("Mul", ["hs", "t1"], ["tanh_gelu"]),
+        _n("Softplus", ["tanh_gelu"], ["sp"]), _n("Tanh", ["sp"], ["tsp"]), _n("Mul", ["tsp", "tanh_gelu"], ["mish"]),
+        _n("Conv", ["x", "w2"], ["other"]), _n("Mul", ["mish", "other"], ["product"]),
+        _n("GlobalAveragePool", ["product"], ["gap"]), _n("Flatten", ["gap"], ["logits"]),
+    ]
+    model = make_model(nodes, [("x", (None, 3, 4, 4))], [("logits", (None, 4))], c)
+    a = R.analyze(model)
+    assert a.gates["legacy"] == 0 and a.gates["scaled_first"] == 0 and a.gates["tanh_gelu"] == 0
+    assert a.gates["mish"] == 1 and a.gates["g1"] == 0
+    assert "product" not in a.gates

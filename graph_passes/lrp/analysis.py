@@ -143,7 +143,6 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
         elif any(o in before_linear for o in node.output):
             before_linear.update(i for i in node.input if i)
     # residual adds, gates, non-negative tensors
-    root = _pointwise_roots(g, live, inits)
     for node in g.node:
         op = node.op_type
         if op in ("Add", "Sum", "Sub") and node.name not in a.tail_of:
@@ -159,7 +158,7 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                 if gate[0] != gate[1]:
                     a.gates[node.name] = 1 if gate[0] else 0
                 else:
-                    signal = _pointwise_signal(node, root, prod, inits)
+                    signal = _pointwise_signal(node, prod, live, inits)
                     if signal is not None:
                         a.gates[node.name] = signal
         if op == "Div" and len(node.input) == 2 and all(i in live for i in node.input):
@@ -188,41 +187,42 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
     return a
 
 
-def _pointwise_roots(g: onnx.GraphProto, live: set, inits) -> dict:
-    """tensor -> the activation it is a pointwise function of (itself when it is not one: a Conv output...)."""
-    root: dict = {}
-    for node in g.node:
-        ins = [i for i in node.input if i in live]
-        if not ins:
-            continue
-        roots = {root.get(i, i) for i in ins}
-        others_const = all(i in inits or i in live for i in node.input if i)
-        for o in node.output:
-            if o:
-                root[o] = roots.pop() if (node.op_type in POINTWISE_OPS and len(roots) == 1 and others_const) else o
-    return root
+def _pointwise_of(t: str, x: str, prod: dict, live: set, depth: int = 24) -> bool:
+    """Whether tensor t is computed from x through elementwise ops alone (constants aside), e.g. the
+    erf(x / sqrt 2) + 1 of an exported GELU, or x itself."""
+    if t == x:
+        return True
+    node = prod.get(t)
+    if node is None or node.op_type not in POINTWISE_OPS or depth == 0:
+        return False
+    ins = [i for i in node.input if i in live]
+    return bool(ins) and all(_pointwise_of(i, x, prod, live, depth - 1) for i in ins)
 
 
-def _pointwise_signal(node: onnx.NodeProto, root: dict, prod: dict, inits) -> int | None:
-    """For a Mul of two activations that are pointwise functions of one tensor x, such as x * (erf(x/sqrt 2)+1)
-    (exported GELU) or x * tanh(softplus(x)) (Mish): the index of the operand that is x itself (or x scaled by a
-    constant); the other is the gate. None when neither or both are."""
+def _scaled_source(t: str, prod: dict, inits) -> str:
+    """x for t = x * c or x / c with a constant c (the 0.5 x of some GELU exports); else t."""
+    node = prod.get(t)
+    if node is not None and node.op_type in ("Mul", "Div") and len(node.input) == 2:
+        first, second = node.input
+        if second in inits:
+            return first
+        if node.op_type == "Mul" and first in inits:
+            return second
+    return t
+
+
+def _pointwise_signal(node: onnx.NodeProto, prod: dict, live: set, inits) -> int | None:
+    """For a Mul of two activations where one is a pointwise function of the other, such as x * (erf(x/sqrt 2)
+    + 1) (an exported GELU) or x * tanh(softplus(x)) (Mish): the index of that other operand, the signal (the
+    first is the gate). None for products of two independent activations."""
     a, c = node.input
-    if root.get(a, a) != root.get(c, c) or a == c:
+    if a == c:
         return None
-    x = root.get(a, a)
-
-    def is_signal(t):
-        if t == x:
-            return True
-        src = prod.get(t)
-        if src is None or src.op_type not in ("Mul", "Div") or len(src.input) != 2:
-            return False
-        first, second = src.input
-        return (first == x and second in inits) or (src.op_type == "Mul" and second == x and first in inits)
-
-    hits = [i for i, t in enumerate((a, c)) if is_signal(t)]
-    return hits[0] if len(hits) == 1 else None
+    for signal, (s, gate) in enumerate(((a, c), (c, a))):
+        source = _scaled_source(s, prod, inits)
+        if _pointwise_of(gate, s, prod, live) or (source != s and _pointwise_of(gate, source, prod, live)):
+            return signal
+    return None
 
 
 def positive_support(rules: Mapping[str, LRPRule], analysis: LRPAnalysis, start: str | None) -> set:
