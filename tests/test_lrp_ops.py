@@ -259,3 +259,21 @@ def test_decomposed_gelu_and_mish_variants_are_gates():
     assert a.gates["legacy"] == 0 and a.gates["scaled_first"] == 0 and a.gates["tanh_gelu"] == 0
     assert a.gates["mish"] == 1 and a.gates["g1"] == 0
     assert "product" not in a.gates
+
+
+def test_bias_add_written_bias_first_is_a_tail_either_way(tmp_path):
+    """torch's legacy exporter writes a Linear as Add(bias, MatMul(x, W)): the tail's relevance must reach the
+    MatMul whichever side of the Add it is on (it used to go to the bias and vanish)."""
+    rng = np.random.default_rng(6)
+    inits = {"w0": _w(rng, 4, 3, 3, 3), "w": _w(rng, 4, 6), "bias": _w(rng, 6), "head": _w(rng, 6, 3)}
+    outs = []
+    for order in (["bias", "mm"], ["mm", "bias"]):
+        nodes = [_n("Conv", ["x", "w0"], ["c"]), _n("Relu", ["c"], ["r"]),
+                 _n("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1]), _n("MatMul", ["t", "w"], ["mm"]),
+                 _n("Add", order, ["lin"]), _n("ReduceMean", ["lin"], ["m"], axes=[1, 2], keepdims=0),
+                 _n("MatMul", ["m", "head"], ["logits"])]
+        model = make_model(nodes, [("x", (None, 3, 5, 5))], [("logits", (None, 3))], inits)
+        engine = _engine(model, tmp_path, f"{order[0]}.onnx")
+        outs.append(lrp.relevance_at(engine, _x((3, 5, 5)), composite="epsilon")["relevance"]["x"])
+    assert np.abs(outs[0]).sum() > 0
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-7)

@@ -314,7 +314,13 @@ def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis, su
 
 
 def _compile_pass(b, node, gy, want):
-    return [gy[0]] + [None] * (len(node.input) - 1)
+    """All relevance to the first input that carries any (the data input; for a bias Add exported as
+    Add(bias, x), as torch's legacy exporter writes Linear layers, that is the second)."""
+    out = [None] * len(node.input)
+    target = next((i for i, w in enumerate(want) if w), None)
+    if target is not None:
+        out[target] = b.unbroadcast(gy[0], node.input[target], node.output[0]) if target else gy[0]
+    return out
 
 
 def _compile_norm(rule: LRPRule, analysis: LRPAnalysis, support: set = frozenset()):
