@@ -1,6 +1,7 @@
 """canonicalize: bring any exported classifier to the small op set the backward and relevance rules know.
 
 Steps, each recorded in the returned report so users can see what changed in their model:
+0. compute float16 / bfloat16 (and mixed-precision) models in float32 (precision.py);
 1. upgrade to opset >= 17 (the backward rules need ScatterElements with reduction, Split with inputs);
 2. fold constants (Constant nodes, Identity-on-initializer chains, shape arithmetic on static shapes, and the
    shape arithmetic behind data-dependent Pads/Reshapes once shape_probe has measured what inference missed);
@@ -26,6 +27,7 @@ from onnx import helper, numpy_helper, version_converter
 from ._graph import (MIN_IR, MIN_OPSET, GraphPassError, attrs, checked, clone, consumers, graph_inputs, infer,
                      initializers, opset_of, producers, tensor_infos, unique_node_names)
 from .fuse_affine import fuse_affine as fuse_affine_pass
+from .precision import to_float32
 from .shape_probe import probe_shapes
 
 META_ORIGINAL_LAYOUT = "onnx_saliency.original_input_layout"
@@ -67,6 +69,7 @@ def canonicalize(model: onnx.ModelProto, *, fold_bn: bool = True, absorb_input_t
     fuse_affine is off by default so that methods see the layers the user exported; audits turn it on."""
     report = CanonicalizeReport(nodes_before=len(model.graph.node), opset_from=opset_of(model))
     m = clone(model)
+    report.notes += to_float32(m)
     m = _upgrade_opset(m)
     report.opset_to = opset_of(m)
     m = _fold_input_independent(m, report)

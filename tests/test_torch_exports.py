@@ -145,3 +145,37 @@ def test_swin_loads_with_its_mask_arithmetic_folded(exported, exporter):
         lrp.relevance_at(e.ex.engine, e.x, composite="epsilon")
     msg = str(err.value)
     assert "\n" not in msg and len(msg) < 2000 and "MatMul (" in msg and "more)" in msg
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_float16_export_explains_like_float32(exported, tmp_path, exporter):
+    """torch .half() export (float16 input, weights and output): loaded, computed in float32, and its gradient
+    is the float32 network's on the float16-rounded weights; the maps match the float32 export's within what
+    that rounding moves them."""
+    import copy
+
+    e = exported("convnext", exporter)
+    half = copy.deepcopy(e.model).half()
+    path = tmp_path / f"convnext_{exporter}_fp16.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(half, (torch.from_numpy(e.x).half(),), str(path), opset_version=17 if exporter == "legacy"
+                          else None, dynamo=exporter == "dynamo", input_names=["input"], output_names=["logits"])
+    ex16 = Explainer(path, preset="torchvision", threads=2)
+    assert any(line.startswith("float16 computed in float32") for line in ex16.model.report.lines())
+    rounded = copy.deepcopy(half).float()  # float32 arithmetic on the rounded weights
+    ref, targets = _autograd(_with(e, rounded))
+    got = ex16.explain(e.x, method="gradient", target=targets).attributions
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    full = e.ex.explain(e.x, method="gradient", target=targets).attributions
+    for a, b in zip(got, full):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
+    cam16 = ex16.explain(e.x, method="gradcam", target=targets).maps
+    cam32 = e.ex.explain(e.x, method="gradcam", target=targets).maps
+    assert np.abs(cam16 - cam32).max() <= 2e-2
+
+
+def _with(e: Exported, model) -> Exported:
+    other = Exported.__new__(Exported)
+    other.model, other.x, other.path = model, e.x, e.path
+    return other

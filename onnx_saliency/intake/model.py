@@ -15,6 +15,7 @@ from onnx import external_data_helper, numpy_helper
 
 import graph_passes as gp
 from graph_passes._graph import graph_inputs, producers, skeleton, tensor_infos
+from graph_passes.precision import HALF
 
 from ..errors import SaliencyError, UnsupportedModelError
 from ..ort_logging import quiet_onnxruntime
@@ -262,7 +263,8 @@ def _find_image_input(model: onnx.ModelProto, path: Path):
     candidates = []
     for vi in graph_inputs(model):
         dims = vi.type.tensor_type.shape.dim
-        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and len(dims) == 4:
+        # float16 / bfloat16 inputs are computed in float32 (canonicalize, graph_passes.precision)
+        if vi.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, *HALF) and len(dims) == 4:
             candidates.append(vi)
     if len(candidates) != 1:
         names = [vi.name for vi in graph_inputs(model)]
