@@ -219,7 +219,8 @@ def test_products_of_independent_activations_stay_refused(tmp_path):
     nodes = [_n("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), _n("Conv", ["x", "w2"], ["b"], pads=[1, 1, 1, 1]),
              _n("Mul", ["a", "b"], ["ab"], name="branch_product"),
              _n("Reshape", ["ab", "flat_hw"], ["q"]), _n("Transpose", ["q"], ["qt"], perm=[0, 2, 1]),
-             _n("MatMul", ["q", "qt"], ["attn"], name="scores"), _n("Softmax", ["attn"], ["p"], axis=-1, name="softmax"),
+             _n("MatMul", ["q", "qt"], ["attn"], name="scores"),
+             _n("Softmax", ["attn"], ["p"], axis=-1, name="softmax"),
              _n("MatMul", ["p", "q"], ["o"], name="mix"), _n("ReduceMean", ["o", "ax"], ["logits"], keepdims=0)]
     model = make_model(nodes, [("x", (None, 3, 4, 4))], [("logits", (None, 4))],
                        {"w1": _w(rng, 4, 3, 3, 3), "w2": _w(rng, 4, 3, 3, 3), "flat_hw": np.array([0, 4, 16], np.int64),
@@ -229,7 +230,8 @@ def test_products_of_independent_activations_stay_refused(tmp_path):
         lrp.relevance_at(engine, _x((3, 4, 4)), composite="epsilon")
     msg = str(err.value)
     assert "\n" not in msg
-    assert "no relevance rule for 4 node(s): Mul (1: branch_product); MatMul (2: scores, mix); Softmax (1: softmax)" in msg
+    assert ("no relevance rule for 4 node(s): Mul (1: branch_product); MatMul (2: scores, mix); "
+            "Softmax (1: softmax)") in msg
 
 
 def test_decomposed_gelu_and_mish_variants_are_gates():

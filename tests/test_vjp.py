@@ -561,7 +561,8 @@ def test_einsum(equation, other_shape, x_shape):
         nodes = [_n("Mul", ["x", "k"], ["x2"]), _n("Einsum", ["x", "x2"], ["y"], equation=equation)]
         inits["k"] = np.float32(0.7)
     elif other_shape == "self_row":
-        nodes = [_n("ReduceMean", ["x"], ["r"], axes=[1], keepdims=0), _n("Einsum", ["x", "r"], ["y"], equation=equation)]
+        nodes = [_n("ReduceMean", ["x"], ["r"], axes=[1], keepdims=0),
+                 _n("Einsum", ["x", "r"], ["y"], equation=equation)]
     else:
         inits["w"] = rng.standard_normal(other_shape).astype(np.float32)
         nodes = [_n("Einsum", ["x", "w"], ["y"], equation=equation)]
@@ -681,7 +682,8 @@ def test_grouped_conv_transpose_equals_its_groups():
     grouped = make_model([_n("ConvTranspose", ["x", "w"], ["y"], group=2, **attrs)], [("x", x.shape)], [("y", None)],
                          {"w": w})
     split = make_model([_n("Split", ["x", "two"], ["x1", "x2"], axis=1),
-                        _n("ConvTranspose", ["x1", "w1"], ["y1"], **attrs), _n("ConvTranspose", ["x2", "w2"], ["y2"], **attrs),
+                        _n("ConvTranspose", ["x1", "w1"], ["y1"], **attrs),
+                        _n("ConvTranspose", ["x2", "w2"], ["y2"], **attrs),
                         _n("Concat", ["y1", "y2"], ["y"], axis=1)], [("x", x.shape)], [("y", None)],
                        {"w1": w[:2], "w2": w[2:], "two": np.array([2, 2], np.int64)})
     y = session(grouped).run(["y"], {"x": x})[0]
@@ -704,12 +706,13 @@ _RESIZE_CASES = [
     dict(mode="cubic", exclude_outside=1, sizes=[1, 2, 5, 3]),
     dict(mode="linear", antialias=1, scales=[1, 1, 0.5, 0.75], opset=18),
     dict(mode="linear", axes=[3, 2], scales=[1.5, 2], opset=18),
-    dict(mode="linear", coordinate_transformation_mode="tf_crop_and_resize", roi=[0, 0, 0.1, -0.1, 1, 1, 0.9, 0.95],  # W starts outside: extrapolated
-         extrapolation_value=0.5, sizes=[1, 2, 5, 5]),
+    dict(mode="linear", coordinate_transformation_mode="tf_crop_and_resize",  # W starts outside: extrapolated
+         roi=[0, 0, 0.1, -0.1, 1, 1, 0.9, 0.95], extrapolation_value=0.5, sizes=[1, 2, 5, 5]),
 ]
 
 
-@pytest.mark.parametrize("case", _RESIZE_CASES, ids=lambda c: f"{c['mode']}-{c.get('coordinate_transformation_mode', '')}")
+@pytest.mark.parametrize("case", _RESIZE_CASES,
+                         ids=lambda c: f"{c['mode']}-{c.get('coordinate_transformation_mode', '')}")
 def test_resize(case):
     """The gradient is one interpolation matrix per resized axis; onnxruntime's forward must be the reference's
     (the matrices come from the reference)."""

@@ -438,7 +438,7 @@ def rule_reason(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> s
     """Why a node's rule moves relevance the way it does, in a few words (for the rule report)."""
     op = node.op_type
     if node.name in analysis.tail_of:
-        return f"affine tail, fused into {analysis.tail_of[node.name]}'s rule"
+        return "affine tail: part of the layer before it"
     if rule.kind == "linear":
         return "linear layer: the composite's layer rule"
     if rule.kind == "pass":
@@ -458,7 +458,7 @@ def rule_reason(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> s
             return "proportional to each summand"
         if op in ("Einsum", "MatMul", "Gemm"):
             return "proportional (z-rule): linear in its one activation"
-        return "proportional (z-rule) over the op's own weights"
+        return "proportional (z-rule) through the op's linear map"
     if rule.kind == "gate":
         return "the gate is held fixed: all relevance to the signal"
     return "proportional within each window"

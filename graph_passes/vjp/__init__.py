@@ -27,5 +27,6 @@ def supported_ops(rules: RuleMap | None = None) -> set[str]:
     return set(PLAIN if rules is None else rules) | NON_DIFFERENTIABLE
 
 
-__all__ = ["append_vjp", "supported_ops", "differentiable_path", "grad_name", "UnsupportedOpsError", "VJPBuilder", "NON_DIFFERENTIABLE",
+__all__ = ["append_vjp", "supported_ops", "differentiable_path", "grad_name", "UnsupportedOpsError", "VJPBuilder",
+           "NON_DIFFERENTIABLE",
            "Rule", "RuleMap", "PLAIN", "GUIDED", "rules"]

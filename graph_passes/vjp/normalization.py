@@ -1,5 +1,6 @@
-"""Backward rules of the normalisers: LayerNormalization, InstanceNormalization, GroupNormalization and LRN. The statistics are recomputed from the input in the
-backward graph (a few reductions), rather than asking the forward node for its optional outputs."""
+"""Backward rules of the normalisers: LayerNormalization, InstanceNormalization, GroupNormalization and LRN.
+The statistics are recomputed from the input in the backward graph (a few reductions), rather than asking the
+forward node for its optional outputs."""
 
 from __future__ import annotations
 
