@@ -279,3 +279,18 @@ def test_bias_add_written_bias_first_is_a_tail_either_way(tmp_path):
         outs.append(lrp.relevance_at(engine, _x((3, 5, 5)), composite="epsilon")["relevance"]["x"])
     assert np.abs(outs[0]).sum() > 0
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", ["ReduceL1", "ReduceL2"])
+def test_norm_reductions_conserve(tmp_path, op):
+    """A pooled L1 / L2 norm (timm's and Swin-V2's normalisations reduce this way): the proportional rule
+    through the op's gradient gives |x_i| R / |x|_1 and x_i^2 R / |x|_2^2, which sum to R."""
+    rng = np.random.default_rng(7)
+    nodes = [_n("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), _n(op, ["c", "ax"], ["pooled"], keepdims=0),
+             _n("Gemm", ["pooled", "head"], ["logits"], transB=1)]
+    model = make_model(nodes, [("x", (None, 3, 5, 5))], [("logits", (None, 3))],
+                       {"w": _w(rng, 4, 3, 3, 3), "ax": np.array([2, 3], np.int64), "head": _w(rng, 3, 4)}, opset=18)
+    engine = _engine(model, tmp_path)
+    out = lrp.relevance_at(engine, _x((3, 5, 5)), composite=lrp.uniform(R.LRP0(), "lrp0", stabilizer=0.0))
+    total = out["relevance"]["x"].reshape(3, -1).astype(np.float64).sum(1)
+    assert _relerr(total, out["start"]).max() < 1e-4

@@ -382,9 +382,10 @@ PASS_OPS = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "Hard
             "Erf", "Abs", "Sqrt", "Pow", "Exp", "Log", "Reciprocal", "Softsign", "ThresholdedRelu",
             "LayerNormalization", "InstanceNormalization", "GroupNormalization", "LRN"}
 # proportional (z / epsilon rule through the op's own gradient, R_in = x * J^T (R / stab(y))): sums, average
-# pools, interpolating resizes, linear maps with one constant operand that are not a Conv/Gemm/MatMul layer
+# pools, interpolating resizes, linear maps with one constant operand that are not a Conv/Gemm/MatMul layer, and
+# the L1 / L2 norms (degree-1 homogeneous: R_i = |x_i| R / |x|_1, x_i^2 R / |x|_2^2 sum to R)
 NORM_OPS = {"Add", "Sum", "Sub", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum", "Mean", "Resize",
-            "Upsample", "Einsum", "MatMul", "Gemm"}
+            "Upsample", "Einsum", "MatMul", "Gemm", "ReduceL1", "ReduceL2"}
 # routed like the gradient (data movement: copies add up, dropped elements take their relevance with them)
 STRUCTURAL_OPS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Pad", "MaxPool",
                   "Identity", "Dropout", "Cast", "Gather", "Slice", "Split", "Expand", "Tile", "DepthToSpace",
@@ -458,6 +459,8 @@ def rule_reason(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> s
             return "proportional to each summand"
         if op in ("Einsum", "MatMul", "Gemm"):
             return "proportional (z-rule): linear in its one activation"
+        if op in ("ReduceL1", "ReduceL2"):
+            return "proportional to each element's share of the norm"
         return "proportional (z-rule) through the op's linear map"
     if rule.kind == "gate":
         return "the gate is held fixed: all relevance to the signal"
