@@ -122,8 +122,7 @@ def _run(model, inputs, infos, wanted, batches) -> list[dict] | None:
         name = f"shape_probe/{i}"
         probe.graph.node.append(helper.make_node("Shape", [t], [name], name=f"{name}/node"))
         probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ort.SessionOptions()  # its log follows onnxruntime's default logger (onnx_saliency quiets that)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # one run: build it fast
     try:
         sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
