@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from graph_passes import summarize_nodes
 from onnx_saliency.errors import SaliencyError
 
 from .common import CompositeOption, echo_rewrite_report, explainer_from_options, fail_cleanly, with_model_options
@@ -28,7 +29,6 @@ def rules(model, composite, rule_map, report, **model_kw):
     lines = lrp.rule_report(ex.model, comp)
     for line in lines:
         click.echo(line)
-    missing = [line for line in lines if "NO RULE" in line]
+    missing = [line.split("\t")[:2] for line in lines if "\tNO RULE" in line]
     if missing:
-        raise SaliencyError(f"{len(missing)} node(s) have no relevance rule: "
-                            + ", ".join(line.split("\t")[0] + f" ({line.split(chr(9))[1]})" for line in missing))
+        raise SaliencyError(f"{len(missing)} node(s) have no relevance rule: {summarize_nodes(missing)}")

@@ -72,13 +72,56 @@ def checked(model: onnx.ModelProto, pass_name: str) -> onnx.ModelProto:
     return model
 
 
+# Ops whose first output has the first input's type and shape, for the ones onnx infers nothing for
+# (GroupNormalization-21, a function op, in onnx 1.23): without it every shape after one is lost.
+_SAME_SHAPE_OPS = {"GroupNormalization", "LayerNormalization", "InstanceNormalization", "LRN", "Gelu", "Mish",
+                   "Erf", "Softplus", "BatchNormalization"}
+
+
+def _same_shape_hints(model: onnx.ModelProto, inferred: onnx.ModelProto) -> list:
+    known = {vi.name: vi for vi in list(inferred.graph.input) + list(inferred.graph.value_info)
+             + list(inferred.graph.output) if vi.type.tensor_type.HasField("shape")}
+    hints = []
+    for node in model.graph.node:
+        if (node.op_type in _SAME_SHAPE_OPS and node.output and node.output[0] not in known
+                and node.input[0] in known):
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(known[node.input[0]])
+            vi.name = node.output[0]
+            hints.append(vi)
+    return hints
+
+
+def _known_dims(vi: onnx.ValueInfoProto) -> int:
+    tt = vi.type.tensor_type
+    return -1 if not tt.HasField("shape") else sum(d.HasField("dim_value") for d in tt.shape.dim)
+
+
+def _most_specific(value_info) -> list:
+    """One entry per tensor: shape inference appends its own entry beside a given hint instead of merging the
+    two, and readers take the first; keep the one that knows the most dims."""
+    best: dict = {}
+    for vi in value_info:
+        if vi.name not in best or _known_dims(vi) > _known_dims(best[vi.name]):
+            best[vi.name] = vi
+    return list(best.values())
+
+
 def infer(model: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
     """A copy of `model` with shapes inferred for every tensor (computed on the weight-free skeleton);
     inplace: annotate `model` itself (for a pass's own intermediate copy: saves a copy of the weights)."""
-    inferred = shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True)
+    sk = skeleton(model)
+    inferred = shape_inference.infer_shapes(sk, strict_mode=False, data_prop=True)
+    for _ in range(8):  # each round lets the shapes after one more such op through
+        hints = _same_shape_hints(model, inferred)
+        if not hints:
+            break
+        del sk.graph.value_info[:]
+        sk.graph.value_info.extend(list(inferred.graph.value_info) + hints)
+        inferred = shape_inference.infer_shapes(sk, strict_mode=False, data_prop=True)
     out = model if inplace else clone(model)
     del out.graph.value_info[:]
-    out.graph.value_info.extend(inferred.graph.value_info)
+    out.graph.value_info.extend(_most_specific(inferred.graph.value_info))
     del out.graph.output[:]
     out.graph.output.extend(inferred.graph.output)
     return out
@@ -157,6 +200,20 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 def attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def summarize_nodes(nodes, names_per_op: int = 3) -> str:
+    """(name, op type) pairs as one short line, grouped by op type in graph order: "Slice (274: a, b, c and 271
+    more); Gather (2: d, e)". Error messages list thousands of nodes on some exports; this stays readable."""
+    groups: dict[str, list[str]] = {}
+    for name, op in nodes:
+        groups.setdefault(op, []).append(name)
+    parts = []
+    for op, names in groups.items():
+        shown = ", ".join(names[:names_per_op])
+        more = f" and {len(names) - names_per_op} more" if len(names) > names_per_op else ""
+        parts.append(f"{op} ({len(names)}: {shown}{more})")
+    return "; ".join(parts)
 
 
 def unique_node_names(model: onnx.ModelProto) -> None:

@@ -1,8 +1,10 @@
 """canonicalize: bring any exported classifier to the small op set the backward and relevance rules know.
 
 Steps, each recorded in the returned report so users can see what changed in their model:
+0. compute float16 / bfloat16 (and mixed-precision) models in float32 (precision.py);
 1. upgrade to opset >= 17 (the backward rules need ScatterElements with reduction, Split with inputs);
-2. fold constants (Constant nodes, Identity-on-initializer chains, shape arithmetic on static shapes);
+2. fold constants (Constant nodes, Identity-on-initializer chains, shape arithmetic on static shapes, and the
+   shape arithmetic behind data-dependent Pads/Reshapes once shape_probe has measured what inference missed);
 3. drop Identity/Dropout;
 4. fold inference-mode BatchNormalization into the preceding Conv/Gemm when that is exact
    (the producer has no other consumer and constant weights);
@@ -25,6 +27,8 @@ from onnx import helper, numpy_helper, version_converter
 from ._graph import (MIN_IR, MIN_OPSET, GraphPassError, attrs, checked, clone, consumers, graph_inputs, infer,
                      initializers, opset_of, producers, tensor_infos, unique_node_names)
 from .fuse_affine import fuse_affine as fuse_affine_pass
+from .precision import to_float32
+from .shape_probe import probe_shapes
 
 META_ORIGINAL_LAYOUT = "onnx_saliency.original_input_layout"
 
@@ -39,6 +43,7 @@ class CanonicalizeReport:
     absorbed_transpose: str | None = None
     flattened: list[str] = field(default_factory=list)
     fused_affine: list[str] = field(default_factory=list)     # one line per node fuse_affine folded or kept
+    notes: list[str] = field(default_factory=list)            # other steps worth a line (shape probe, float16)
     nodes_before: int = 0
     nodes_after: int = 0
 
@@ -53,6 +58,7 @@ class CanonicalizeReport:
             out.append(f"absorbed NHWC input transpose {self.absorbed_transpose}: the graph now takes NCHW")
         out += [f"Reshape {r} -> Flatten(axis=1)" for r in self.flattened]
         out += self.fused_affine
+        out += self.notes
         return out
 
 
@@ -63,9 +69,10 @@ def canonicalize(model: onnx.ModelProto, *, fold_bn: bool = True, absorb_input_t
     fuse_affine is off by default so that methods see the layers the user exported; audits turn it on."""
     report = CanonicalizeReport(nodes_before=len(model.graph.node), opset_from=opset_of(model))
     m = clone(model)
+    report.notes += to_float32(m)
     m = _upgrade_opset(m)
     report.opset_to = opset_of(m)
-    m = _fold_constants(m, report)
+    m = _fold_input_independent(m, report)
     _drop_passthrough(m, report)
     if fold_bn:
         _fold_batchnorm(m, report)
@@ -137,6 +144,23 @@ def _fold_constants(m: onnx.ModelProto, report: CanonicalizeReport) -> onnx.Mode
     out.opset_import.extend(m.opset_import)
     out.metadata_props.extend(m.metadata_props)
     return out
+
+
+def _fold_input_independent(m: onnx.ModelProto, report: CanonicalizeReport) -> onnx.ModelProto:
+    """Fold constants; where Shape nodes remain on tensors shape inference could not size, measure those shapes
+    (shape_probe) and fold again: everything that does not depend on the image's values goes."""
+    m = _fold_constants(m, report)
+    if not any(n.op_type in ("Shape", "Size") for n in m.graph.node):
+        return m
+    hints = probe_shapes(infer(m))
+    if not hints:
+        return m
+    m.graph.value_info.extend(hints)
+    before = len(m.graph.node)
+    m = _fold_constants(m, report)
+    report.notes.append(f"measured {len(hints)} shape(s) shape inference could not determine (one onnxruntime "
+                        f"run on a zero image): {before - len(m.graph.node)} more input-independent node(s) folded")
+    return m
 
 
 def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:

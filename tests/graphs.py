@@ -52,13 +52,64 @@ def to_float64(model):
     return m
 
 
+def _float64_ops():
+    """onnx's reference Erf rounds to float32 (np.vectorize(erf, otypes=["f"])), which turns a float64 finite
+    difference of GELU into noise of 1e-3; these keep the input's precision (Gelu too: its function body
+    would run the float32 Erf)."""
+    import math
+
+    from onnx.reference.op_run import OpRun
+    from onnx.reference.ops._op import OpRunUnaryNum
+
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+
+    class Erf(OpRunUnaryNum):
+        def _run(self, x):
+            return (erf(x).astype(x.dtype),)
+
+    class Gelu(OpRun):
+        op_domain = ""
+
+        def _run(self, x, approximate="none"):
+            if approximate == "tanh":
+                y = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+            else:
+                y = 0.5 * x * (1 + erf(x / np.sqrt(2)))
+            return (y.astype(x.dtype),)
+
+    class LRN(OpRun):
+        """The spec's formula (onnx's reference LRN differs from it and from onnxruntime)."""
+
+        op_domain = ""
+
+        def _run(self, x, alpha=1e-4, beta=0.75, bias=1.0, size=None):
+            sq, lo, hi = x * x, (size - 1) // 2, size - 1 - (size - 1) // 2
+            total = np.zeros_like(x)
+            for c in range(x.shape[1]):
+                total[:, c] = sq[:, max(0, c - lo):min(x.shape[1] - 1, c + hi) + 1].sum(1)
+            return ((x / (bias + alpha / size * total) ** beta).astype(x.dtype),)
+
+    class GroupNormalization(OpRun):
+        """Its function body casts to stash_type (float32) for the statistics."""
+
+        op_domain = ""
+
+        def _run(self, x, scale, bias, epsilon=1e-5, num_groups=None, stash_type=1):
+            g = x.reshape(x.shape[0], num_groups, -1)
+            xhat = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + epsilon)).reshape(x.shape)
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            return ((xhat * scale.reshape(shape) + bias.reshape(shape)).astype(x.dtype),)
+
+    return [Erf, Gelu, LRN, GroupNormalization]
+
+
 class Float64Reference:
     """Runs a float32 test graph in float64 with onnx's numpy reference evaluator."""
 
     def __init__(self, model):
         from onnx.reference import ReferenceEvaluator
 
-        self.ref = ReferenceEvaluator(to_float64(model))
+        self.ref = ReferenceEvaluator(to_float64(model), new_ops=_float64_ops())
 
     def run(self, outputs, feeds):
         feeds = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}

@@ -191,7 +191,8 @@ CASES = {
                        lambda e: [f"error: {e.tmp / 'vector.onnx'}: expected exactly one 4-D float image input, "
                                   "found inputs ['x']"], 2),
     "unsupported_op": (lambda e: ["explain", _sin(e), e.imgs],
-                       lambda e: [f"error: {e.tmp / 'sin.onnx'}: unsupported op(s) in 1 node(s): weird_sine (Sin)"], 2),
+                       lambda e: [f"error: {e.tmp / 'sin.onnx'}: unsupported op(s) in 1 node(s): "
+                                  "Sin (1: weird_sine)"], 2),
     "dangling_input": (lambda e: ["explain", _dangling(e), e.imgs],
                        lambda e: [f"error: {e.tmp / 'dangling.onnx'}: invalid ONNX model: Nodes in a graph must be "
                                   "topologically sorted, however input 'nowhere' of node: name: relu1 OpType: Relu "

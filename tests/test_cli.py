@@ -102,4 +102,4 @@ def test_unsupported_op_reported_with_node_names_before_running(tmp_path, images
     out = tmp_path / "out"
     code, text = _run("explain", path, images, "--out", out)
     assert code != 0 and not out.exists()
-    assert text.strip() == f"error: {path}: unsupported op(s) in 1 node(s): weird_sine (Sin)"
+    assert text.strip() == f"error: {path}: unsupported op(s) in 1 node(s): Sin (1: weird_sine)"

@@ -129,8 +129,8 @@ FAMILIES = {
     "regnet": (_regnet, 32, {}),
     "squeezenet": (_squeezenet, 32, {}),
     "vgg": (_vgg, 56, {}),
-    "convnext": (_convnext, 32, {"legacy": "LayerNormalization, Erf", "dynamo": "LayerNormalization, Gelu, Gather"}),
-    "shufflenet": (_shufflenet, 32, {"legacy": "Gather, Slice", "dynamo": "Split"}),
+    "convnext": (_convnext, 32, {}),
+    "shufflenet": (_shufflenet, 32, {}),
     "vit": (_vit, 32, {"legacy": "LayerNormalization, Erf, Gather, Slice, Where, Expand, Sqrt",
                        "dynamo": "LayerNormalization, Gelu, Gather, Slice, Expand"}),
 }

@@ -170,22 +170,26 @@ def test_rule_report_lists_rules_bn_and_residuals(tmp_path):
 # --- errors ------------------------------------------------------------------------------------------------
 
 def test_unsupported_ops_listed_before_computing(tmp_path):
+    """A product of two independent activations and an in-network Softmax have gradients but no relevance rule
+    (an exported GELU's or Mish's product is a gate, see test_lrp_ops)."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-             helper.make_node("Exp", ["c"], ["e"], name="exp_node"),
-             helper.make_node("Mul", ["e", "c"], ["m"], name="square_gate"),
+             helper.make_node("Conv", ["x", "w2"], ["d"], name="conv2"),
+             helper.make_node("Softmax", ["c"], ["e"], axis=1, name="softmax_node"),
+             helper.make_node("Mul", ["e", "d"], ["m"], name="product"),
              helper.make_node("GlobalAveragePool", ["m"], ["g"], name="gap"),
              helper.make_node("Flatten", ["g"], ["logits"], axis=1, name="flat")]
-    model = make_model(nodes, [("x", (None, 3, 6, 6))], [("logits", (None, 4))], {"w": _w(rng, 4, 3, 3, 3)})
+    model = make_model(nodes, [("x", (None, 3, 6, 6))], [("logits", (None, 4))],
+                       {"w": _w(rng, 4, 3, 3, 3), "w2": _w(rng, 4, 3, 3, 3)})
     engine = _engine(model, tmp_path)
     with pytest.raises(UnsupportedModelError) as err:
         lrp.relevance_at(engine, _x(shape=(3, 6, 6)), composite="epsilon-plus-flat")
     msg = str(err.value)
     assert "\n" not in msg
-    assert "no relevance rule for 2 node(s): exp_node (Exp), square_gate (Mul)" in msg
+    assert "no relevance rule for 2 node(s): Softmax (1: softmax_node); Mul (1: product)" in msg
     assert engine.calls == 0
     report = lrp.rule_report(engine.model, lrp.get_composite("epsilon"))
-    assert report[-1] == "nodes without a rule (2): exp_node (Exp), square_gate (Mul)"
+    assert report[-1] == "nodes without a rule (2): Softmax (1: softmax_node); Mul (1: product)"
 
 
 def test_rule_must_fit_the_node(tmp_path):

@@ -10,11 +10,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .._graph import attrs, consumers, initializers, producers, tensor_infos
+from .._graph import ancestors, attrs, consumers, initializers, producers, tensor_infos
 from ..vjp import NON_DIFFERENTIABLE
 from .rules import LRPRule
 
-LINEAR_OPS = ("Conv", "Gemm", "MatMul")
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+CONV_OPS = ("Conv", "ConvTranspose")
 
 @dataclass
 class LinearLayer:
@@ -39,11 +40,19 @@ class LRPAnalysis:
     nodes: dict = field(default_factory=dict)         # node name -> NodeProto
     activations: set = field(default_factory=set)     # tensors that depend on a graph input
     floor_zero: set = field(default_factory=set)      # Relu and Clip(0, .) nodes: output <= 0 iff input <= 0
+    normalising_divs: set = field(default_factory=set)  # Div nodes whose divisor is computed from the numerator
 
 
 _NONNEG_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
                       "Squeeze", "Unsqueeze", "Transpose", "Concat", "Identity", "Dropout", "ReduceMean",
-                      "ReduceMax", "Pad", "Split", "Slice", "Resize"}
+                      "ReduceMax", "Pad", "Split", "Slice", "Resize", "Gather", "Expand", "Tile", "DepthToSpace",
+                      "SpaceToDepth"}
+
+# Elementwise ops: a tensor computed from one activation through these alone is a pointwise function of it
+# (its "root"), e.g. the (erf(x / sqrt 2) + 1) of an exported GELU or the tanh(softplus(x)) of Mish.
+POINTWISE_OPS = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Exp", "Log", "Erf",
+                 "Softplus", "Softsign", "Mish", "Gelu", "Elu", "Selu", "Celu", "Abs", "Neg", "Sqrt", "Pow",
+                 "Reciprocal", "Add", "Sub", "Mul", "Div", "Cast", "Identity"}
 
 
 def _channel_vector(value: np.ndarray, kind: str, out_rank: int, channels: int) -> np.ndarray | None:
@@ -84,14 +93,18 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                 continue
             if op == "MatMul" and const(node.input[1]).ndim != 2:
                 continue
-            kind = "conv" if op == "Conv" else "dense"
+            kind = "conv" if op in CONV_OPS else "dense"
             layer = LinearLayer(node.name, op, kind, out=node.output[0])
             w = const(node.input[1])
-            channels = w.shape[0] if op == "Conv" else (
-                w.shape[0] if op == "Gemm" and attrs(node).get("transB", 0) else w.shape[1])
+            if op == "Conv":
+                channels = w.shape[0]
+            elif op == "ConvTranspose":  # weight (C_in, M / group, k...)
+                channels = w.shape[1] * attrs(node).get("group", 1)
+            else:
+                channels = w.shape[0] if op == "Gemm" and attrs(node).get("transB", 0) else w.shape[1]
             out_info = infos.get(node.output[0])
             rank = len(out_info.shape) if out_info is not None and out_info.shape is not None else (
-                4 if op == "Conv" else 2)
+                4 if kind == "conv" else 2)
             # fuse affine tails: single consumer, constant params, broadcast along channels
             t = node.output[0]
             while t not in outputs and len(cons.get(t, [])) == 1:
@@ -144,6 +157,13 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                 gate = [s is not None and s.op_type in ("Sigmoid", "HardSigmoid") for s in srcs]
                 if gate[0] != gate[1]:
                     a.gates[node.name] = 1 if gate[0] else 0
+                else:
+                    signal = _pointwise_signal(node, prod, live, inits)
+                    if signal is not None:
+                        a.gates[node.name] = signal
+        if op == "Div" and len(node.input) == 2 and all(i in live for i in node.input):
+            if node.input[0] in ancestors(g, [node.input[1]]):
+                a.normalising_divs.add(node.name)
         if op == "Relu" or op == "Sigmoid" or op == "HardSigmoid" or op == "Softmax":
             a.nonneg.add(node.output[0])
             if op == "Relu":
@@ -165,6 +185,44 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                     continue
             a.nonneg.update(o for o in node.output if o)
     return a
+
+
+def _pointwise_of(t: str, x: str, prod: dict, live: set, depth: int = 24) -> bool:
+    """Whether tensor t is computed from x through elementwise ops alone (constants aside), e.g. the
+    erf(x / sqrt 2) + 1 of an exported GELU, or x itself."""
+    if t == x:
+        return True
+    node = prod.get(t)
+    if node is None or node.op_type not in POINTWISE_OPS or depth == 0:
+        return False
+    ins = [i for i in node.input if i in live]
+    return bool(ins) and all(_pointwise_of(i, x, prod, live, depth - 1) for i in ins)
+
+
+def _scaled_source(t: str, prod: dict, inits) -> str:
+    """x for t = x * c or x / c with a constant c (the 0.5 x of some GELU exports); else t."""
+    node = prod.get(t)
+    if node is not None and node.op_type in ("Mul", "Div") and len(node.input) == 2:
+        first, second = node.input
+        if second in inits:
+            return first
+        if node.op_type == "Mul" and first in inits:
+            return second
+    return t
+
+
+def _pointwise_signal(node: onnx.NodeProto, prod: dict, live: set, inits) -> int | None:
+    """For a Mul of two activations where one is a pointwise function of the other, such as x * (erf(x/sqrt 2)
+    + 1) (an exported GELU) or x * tanh(softplus(x)) (Mish): the index of that other operand, the signal (the
+    first is the gate). None for products of two independent activations."""
+    a, c = node.input
+    if a == c:
+        return None
+    for signal, (s, gate) in enumerate(((a, c), (c, a))):
+        source = _scaled_source(s, prod, inits)
+        if _pointwise_of(gate, s, prod, live) or (source != s and _pointwise_of(gate, source, prod, live)):
+            return signal
+    return None
 
 
 def positive_support(rules: Mapping[str, LRPRule], analysis: LRPAnalysis, start: str | None) -> set:

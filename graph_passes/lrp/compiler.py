@@ -52,18 +52,33 @@ def _stab_div(b, r: str, z: str, eps: float, nonneg: bool = False, positive: str
     return b.add("Where", [zero, b.const(0.0), b.add("Div", [r, safe])])
 
 
+def _channels(op: str, w: np.ndarray, group: int) -> int:
+    return w.shape[0] if op == "Conv" else w.shape[1] * group if op == "ConvTranspose" else w.shape[1]
+
+
+def _per_output_channel(op: str, w: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
+    """w with each output channel's weights multiplied by scale[channel] (the fused tail's affine scale)."""
+    if op == "Conv":
+        return w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    if op == "ConvTranspose":  # (C_in, M / group, k...): input channel c feeds outputs of group c // (C_in / group)
+        per = np.repeat(scale.reshape(group, 1, -1), w.shape[0] // group, axis=1).reshape(w.shape[:2])
+        return w * per.reshape(w.shape[:2] + (1,) * (w.ndim - 2))
+    return w * scale[None, :]
+
+
 class _Linear:
-    """Forward (modified weights) and transposed application of one Conv/Gemm/MatMul layer."""
+    """Forward (modified weights) and transposed application of one Conv/ConvTranspose/Gemm/MatMul layer."""
 
     def __init__(self, b, node, layer: LinearLayer, analysis: LRPAnalysis):
         self.b, self.node, self.layer = b, node, layer
         op = node.op_type
         w = b.value(node.input[1]).astype(np.float64)
         bias = None
-        if op == "Conv":
+        self.group = attrs(node).get("group", 1) if op in ("Conv", "ConvTranspose") else 1
+        if op in ("Conv", "ConvTranspose"):
             if len(node.input) > 2 and node.input[2]:
                 bias = self._const(node.input[2]).reshape(-1)
-            self.w = w  # (M, C/g, k...)
+            self.w = w  # Conv (M, C/g, k...), ConvTranspose (C, M/g, k...)
         elif op == "Gemm":
             a = attrs(node)
             wt = w.T if a.get("transB", 0) else w
@@ -75,26 +90,24 @@ class _Linear:
                 bias = np.broadcast_to(c.reshape(-1), (self.w.shape[1],)) * a.get("beta", 1.0)
         else:
             self.w = w  # (K, M)
-        channels = self.w.shape[0] if op == "Conv" else self.w.shape[1]
+        channels = _channels(op, self.w, self.group)
         scale, shift = np.ones(channels), np.zeros(channels)
         for tail_name in layer.tails:
             tail = analysis.nodes[tail_name]
             if tail.op_type == "Add":
                 other = next(i for i in tail.input if b.value(i) is not None)
-                shift = shift + _channel_vector(b.value(other), layer.kind, 4 if op == "Conv" else 2, channels)
+                shift = shift + _channel_vector(b.value(other), layer.kind, 4 if layer.kind == "conv" else 2,
+                                                channels)
             else:  # BatchNormalization
                 gamma, beta, mean, var = (b.value(i).astype(np.float64) for i in tail.input[1:5])
                 s = gamma / np.sqrt(var + attrs(tail).get("epsilon", 1e-5))
                 scale, shift = scale * s, shift * s + beta - mean * s
         # (initializer, transB) computing s @ W^T from the graph's own weight; None once the weight is rescaled
         self.original_weight = None
-        if op != "Conv" and not layer.tails and (op == "MatMul" or attrs(node).get("alpha", 1.0) == 1.0):
+        if layer.kind == "dense" and not layer.tails and (op == "MatMul" or attrs(node).get("alpha", 1.0) == 1.0):
             self.original_weight = (node.input[1], 0 if op == "Gemm" and attrs(node).get("transB", 0) else 1)
         if layer.tails:
-            if op == "Conv":
-                self.w = self.w * scale.reshape((-1,) + (1,) * (self.w.ndim - 1))
-            else:
-                self.w = self.w * scale[None, :]
+            self.w = _per_output_channel(op, self.w, scale, self.group)
             bias = (np.zeros(channels) if bias is None else bias) * scale + shift
         self.bias = bias
         self._fwd_cache: dict = {}
@@ -123,18 +136,20 @@ class _Linear:
         """W inp + bias (+ shift: a stabiliser folded into the bias, which the Conv / Add applies for free)."""
         b, node = self.b, self.node
         if shift:
-            channels = w.shape[0] if node.op_type == "Conv" else w.shape[1]
+            channels = _channels(node.op_type, w, self.group)
             bias = (np.zeros(channels) if bias is None else bias) + shift
-        if node.op_type == "Conv":
+        if node.op_type in ("Conv", "ConvTranspose"):
             ins = [inp, b.const(w)] + ([b.const(bias)] if bias is not None else [])
-            return b.add("Conv", ins, **{k: v for k, v in attrs(node).items()})
+            return b.add(node.op_type, ins, **{k: v for k, v in attrs(node).items()})
         y = b.add("MatMul", [inp, b.const(w)])
         return b.add("Add", [y, b.const(bias)]) if bias is not None else y
 
     def transpose(self, s: str, w: np.ndarray, kind: str = "") -> str:
         """W^T s for the (modified) weight w; `kind` "w" with no fused tail may reuse the graph's own weight."""
         b, node = self.b, self.node
-        group = attrs(node).get("group", 1) if node.op_type == "Conv" else 1
+        group = self.group
+        if node.op_type == "ConvTranspose":
+            return vjp_rules.conv_transpose_adjoint(b, node, s, b.const(w))
         if group == 1 and w.size > 1 and np.all(w == w.flat[0]):
             # a constant weight (flat rule): every output channel gets the same W^T s, which depends on s only
             # through its channel sum, so transpose that one channel (64x less work on a ResNet's first layer)
@@ -299,7 +314,13 @@ def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis, su
 
 
 def _compile_pass(b, node, gy, want):
-    return [gy[0]] + [None] * (len(node.input) - 1)
+    """All relevance to the first input that carries any (the data input; for a bias Add exported as
+    Add(bias, x), as torch's legacy exporter writes Linear layers, that is the second)."""
+    out = [None] * len(node.input)
+    target = next((i for i, w in enumerate(want) if w), None)
+    if target is not None:
+        out[target] = b.unbroadcast(gy[0], node.input[target], node.output[0]) if target else gy[0]
+    return out
 
 
 def _compile_norm(rule: LRPRule, analysis: LRPAnalysis, support: set = frozenset()):
@@ -319,8 +340,9 @@ def _compile_norm(rule: LRPRule, analysis: LRPAnalysis, support: set = frozenset
                     contrib = b.add("Neg", [contrib])
                 out.append(b.unbroadcast(contrib, x, y))
             return out
+        # any other linear map in its (single) activation operand: R_x = x * J^T s
         g = vjp_rules.PLAIN[op](b, node, [s], want)
-        return [b.add("Mul", [node.input[0], g[0]])] + list(g[1:])
+        return [b.add("Mul", [x, gi]) if gi is not None and w else None for x, gi, w in zip(node.input, g, want)]
     return emit
 
 
@@ -353,27 +375,56 @@ def _compile_gate(signal: int):
     return emit
 
 
+# identity: pointwise nonlinearities and normalisers hand their relevance to their input unchanged (LXT's rule
+# for LayerNorm, GELU and friends; a kept BatchNorm only when fused as a layer's tail, see base_rule)
 PASS_OPS = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "PRelu",
-            "Softplus", "Gelu", "Identity", "Dropout", "BatchNormalization", "Div", "Cast", "Neg"}
-NORM_OPS = {"Add", "Sum", "Sub", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum"}
+            "Softplus", "Gelu", "Identity", "Dropout", "BatchNormalization", "Div", "Cast", "Neg", "Celu", "Mish",
+            "Erf", "Abs", "Sqrt", "Pow", "Exp", "Log", "Reciprocal", "Softsign", "ThresholdedRelu",
+            "LayerNormalization", "InstanceNormalization", "GroupNormalization", "LRN"}
+# proportional (z / epsilon rule through the op's own gradient, R_in = x * J^T (R / stab(y))): sums, average
+# pools, interpolating resizes, linear maps with one constant operand that are not a Conv/Gemm/MatMul layer, and
+# the L1 / L2 norms (degree-1 homogeneous: R_i = |x_i| R / |x|_1, x_i^2 R / |x|_2^2 sum to R)
+NORM_OPS = {"Add", "Sum", "Sub", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum", "Mean", "Resize",
+            "Upsample", "Einsum", "MatMul", "Gemm", "ReduceL1", "ReduceL2"}
+# routed like the gradient (data movement: copies add up, dropped elements take their relevance with them)
 STRUCTURAL_OPS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Pad", "MaxPool",
-                  "Identity", "Dropout", "Cast"}
+                  "Identity", "Dropout", "Cast", "Gather", "Slice", "Split", "Expand", "Tile", "DepthToSpace",
+                  "SpaceToDepth", "Where", "Mod", "Resize", "Upsample"}
+# winner-take-all (the gradient's routing to the maximum): max pools and max / min reductions
+WTA_OPS = {"MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "Max", "Min"}
+
+
+def _nearest(node: onnx.NodeProto) -> bool:
+    mode = attrs(node).get("mode", b"nearest")
+    return (mode.decode() if isinstance(mode, bytes) else mode) == "nearest"
+
+
+def _one_activation(node: onnx.NodeProto, analysis: LRPAnalysis) -> bool:
+    return sum(1 for i in node.input if i in analysis.activations) == 1
 
 
 def base_rule(node: onnx.NodeProto, analysis: LRPAnalysis, stabilizer: float = 1e-6) -> LRPRule | None:
-    """The default for non-linear nodes (zennit's layer_map_base): activations and kept BatchNorm pass,
-    residual Add and average pools Norm, MaxPool winner-take-all, shape ops route; None = no rule."""
+    """The default for non-linear nodes (zennit's layer_map_base, LXT's identity for normalisers): activations,
+    normalisers and kept BatchNorm pass, residual Add / average pools / interpolating resizes Norm, max pools and
+    reductions winner-take-all, data movement routes; Mul gates hold the gate fixed, a Div by a statistic of its
+    own numerator (a decomposed LayerNorm) holds the divisor fixed. None = no rule (products of two independent
+    activations, as in attention, are refused: see README)."""
     op = node.op_type
     if node.name in analysis.tail_of:
         return Pass()
-    if op == "MaxPool":
+    if op in WTA_OPS:
         return WinnerTakeAll()
+    if op in ("Resize", "Upsample"):
+        return Gradient() if _nearest(node) else Norm(stabilizer)
     if op in STRUCTURAL_OPS:
         return Gradient()
     if op == "Mul":
         return Gate() if node.name in analysis.gates else None
     if op == "Div":
-        return Pass() if len(node.input) > 1 and node.input[1] not in analysis.activations else None
+        divisor_fixed = node.input[1] not in analysis.activations or node.name in analysis.normalising_divs
+        return Pass() if len(node.input) > 1 and divisor_fixed else None
+    if op in ("Einsum", "MatMul", "Gemm"):
+        return Norm(stabilizer) if _one_activation(node, analysis) else None
     if op in NORM_OPS:
         return Norm(stabilizer)
     if op in PASS_OPS:
@@ -381,12 +432,48 @@ def base_rule(node: onnx.NodeProto, analysis: LRPAnalysis, stabilizer: float = 1
     return None
 
 
+NORMALISERS = {"LayerNormalization", "InstanceNormalization", "GroupNormalization", "LRN", "BatchNormalization"}
+
+
+def rule_reason(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> str:
+    """Why a node's rule moves relevance the way it does, in a few words (for the rule report)."""
+    op = node.op_type
+    if node.name in analysis.tail_of:
+        return "affine tail: part of the layer before it"
+    if rule.kind == "linear":
+        return "linear layer: the composite's layer rule"
+    if rule.kind == "pass":
+        if op in NORMALISERS:
+            return "identity: a normaliser keeps the relevance, as LXT"
+        if op == "Div":
+            return "identity: the divisor is held fixed"
+        return "identity: pointwise nonlinearity"
+    if rule.kind == "gradient":
+        if rule.name == "wta":
+            return "winner-take-all: to the maximum"
+        if op in ("Resize", "Upsample"):
+            return "nearest: routes like the gradient"
+        return "routes like the gradient: data movement"
+    if rule.kind == "norm":
+        if op in ("Add", "Sum", "Sub", "Mean"):
+            return "proportional to each summand"
+        if op in ("Einsum", "MatMul", "Gemm"):
+            return "proportional (z-rule): linear in its one activation"
+        if op in ("ReduceL1", "ReduceL2"):
+            return "proportional to each element's share of the norm"
+        return "proportional (z-rule) through the op's linear map"
+    if rule.kind == "gate":
+        return "the gate is held fixed: all relevance to the signal"
+    return "proportional within each window"
+
+
 def check_rule(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> None:
     op = node.op_type
     ok = {
         "linear": node.name in analysis.linear,
         "pass": op in PASS_OPS or node.name in analysis.tail_of,
-        "norm": op in NORM_OPS or (op == "BatchNormalization" and node.name not in analysis.tail_of),
+        "norm": (op in NORM_OPS and (op not in ("Einsum", "MatMul", "Gemm") or _one_activation(node, analysis))
+                 or (op == "BatchNormalization" and node.name not in analysis.tail_of)),
         "gradient": op in _gradient_ops(),
         "proportional": op == "MaxPool",
         "gate": op == "Mul" and node.name in analysis.gates,

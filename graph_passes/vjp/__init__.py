@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import onnx
 
 from . import rules
-from .builder import NON_DIFFERENTIABLE, Rule, RuleMap, UnsupportedOpsError, VJPBuilder, grad_name
+from .builder import (NON_DIFFERENTIABLE, Rule, RuleMap, UnsupportedOpsError, VJPBuilder, differentiable_path,
+                      grad_name)
 from .builder import append_vjp as _append_vjp
 from .rules import GUIDED, PLAIN
 
@@ -26,5 +27,6 @@ def supported_ops(rules: RuleMap | None = None) -> set[str]:
     return set(PLAIN if rules is None else rules) | NON_DIFFERENTIABLE
 
 
-__all__ = ["append_vjp", "supported_ops", "grad_name", "UnsupportedOpsError", "VJPBuilder", "NON_DIFFERENTIABLE",
+__all__ = ["append_vjp", "supported_ops", "differentiable_path", "grad_name", "UnsupportedOpsError", "VJPBuilder",
+           "NON_DIFFERENTIABLE",
            "Rule", "RuleMap", "PLAIN", "GUIDED", "rules"]

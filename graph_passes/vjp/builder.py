@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .._graph import (GraphPassError, TensorInfo, attrs, checked, clone, infer, initializers, opset_of, producers,
-                     tensor_infos)
+                      summarize_nodes, tensor_infos)
 
 # Ops whose outputs never carry gradient (shape arithmetic, comparisons, index outputs).
 NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "GreaterOrEqual",
@@ -31,8 +31,7 @@ def grad_name(tensor: str) -> str:
 class UnsupportedOpsError(GraphPassError):
     def __init__(self, nodes: list[tuple[str, str]]):
         self.nodes = nodes
-        listed = ", ".join(f"{name} ({op})" for name, op in nodes)
-        super().__init__(f"no backward rule for {len(nodes)} node(s): {listed}")
+        super().__init__(f"no backward rule for {len(nodes)} node(s): {summarize_nodes(nodes)}")
 
 
 class VJPBuilder:
@@ -44,6 +43,10 @@ class VJPBuilder:
         self.prefix = prefix
         self.infos: dict[str, TensorInfo] = tensor_infos(model)
         self.inits = initializers(model.graph)
+        for node in model.graph.node:  # Constant nodes hold constants too (unfolded graphs, hand-built tests)
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if node.op_type == "Constant" and value is not None:
+                self.inits.setdefault(node.output[0], value)
         self.opset = opset_of(model)
         self.new_nodes: list[onnx.NodeProto] = []
         self.new_inits: list[onnx.TensorProto] = []
@@ -190,6 +193,12 @@ def append_vjp(model: onnx.ModelProto, output: str, wrt: list[str], *, seed: str
     m.graph.node.extend(b.new_nodes)
     m.graph.initializer.extend(b.new_inits)
     return checked(m, "append_vjp")
+
+
+def differentiable_path(model: onnx.ModelProto, wrt: list[str], output: str) -> list[onnx.NodeProto]:
+    """The nodes append_vjp would give a backward rule: those on a float path from `wrt` to `output`. Nodes that
+    do not depend on `wrt` (constants, shape arithmetic) never need one. `model` must carry inferred shapes."""
+    return _nodes_between(model.graph, wrt, output, tensor_infos(model))
 
 
 def _nodes_between(graph: onnx.GraphProto, wrt: list[str], output: str, infos) -> list[onnx.NodeProto]:

@@ -12,14 +12,13 @@ from onnx import numpy_helper
 
 from typing import TYPE_CHECKING
 
-from .._graph import GraphPassError, attrs
+from .._graph import attrs
+from . import einsum, movement, normalization, pointwise
+from ._emit import apply_along_axis, keep_reduced, reduce_sum
+from ._emit import unsupported as _unsupported
 
 if TYPE_CHECKING:  # rules receive the builder; they never import it
-    from .builder import VJPBuilder
-
-
-def _unsupported(b: VJPBuilder, why: str):
-    raise GraphPassError(f"{b.node.name} ({b.node.op_type}): {why}")
+    from .builder import VJPBuilder  # noqa: F401
 
 
 # --- elementwise arithmetic --------------------------------------------------------------------------------
@@ -214,6 +213,46 @@ def conv_rule(b, node, gy, want):
     return [gx] + [None] * (len(node.input) - 1)
 
 
+def conv_transpose_adjoint(b, node, s: str, w: str) -> str:
+    """ConvTranspose is the adjoint of Conv, so its transpose applied to `s` (shaped like the node's output) is a
+    Conv with the weight `w` in the node's geometry: the begin pads shift as in the forward; the end is padded
+    (or cropped) so the result has the input's size."""
+    a = attrs(node)
+    x = node.input[0]
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto not in ("NOTSET", "VALID", "") or "output_shape" in a:
+        _unsupported(b, "auto_pad SAME_* and output_shape are not supported (explicit pads only)")
+    kernel = list(a.get("kernel_shape", b.static_shape(node.input[1], "ConvTranspose backward")[2:]))
+    n = len(kernel)
+    xs = b.static_shape(x, "ConvTranspose backward")[2:]
+    ys = b.static_shape(node.output[0], "ConvTranspose backward")[2:]
+    if any(d is None for d in list(xs) + list(ys)):
+        _unsupported(b, "spatial sizes must be static (only the batch may be dynamic)")
+    strides = list(a.get("strides", [1] * n))
+    dil = list(a.get("dilations", [1] * n))
+    pads = [0] * (2 * n) if auto == "VALID" else list(a.get("pads", [0] * (2 * n)))
+    ends, crop = [], []
+    for i in range(n):
+        k_eff = (kernel[i] - 1) * dil[i] + 1
+        need = (xs[i] - 1) * strides[i] + k_eff - ys[i] - pads[i]
+        ends.append(max(need, 0))
+        crop.append(need < 0)
+    gx = b.add("Conv", [s, w], strides=strides, dilations=dil, pads=pads[:n] + ends, group=a.get("group", 1),
+               kernel_shape=kernel)
+    if any(crop):
+        axes = [2 + i for i in range(n) if crop[i]]
+        gx = b.add("Slice", [gx, b.const([0] * len(axes), np.int64),
+                             b.const([xs[i] for i in range(n) if crop[i]], np.int64), b.const(axes, np.int64)])
+    return gx
+
+
+def conv_transpose_rule(b, node, gy, want):
+    if any(want[1:]):
+        _unsupported(b, "gradients of weights or biases are not supported (differentiate activations)")
+    return [conv_transpose_adjoint(b, node, gy[0], node.input[1])] + [None] * (len(node.input) - 1)
+
+
 def gemm_rule(b, node, gy, want):
     a = attrs(node)
     alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
@@ -387,6 +426,49 @@ def reduce_sum_rule(b, node, gy, want):
     return _reduce_rule(b, node, gy, mean=False)
 
 
+def _extreme_backward(b, node, gy, axes):
+    """ReduceMax/Min, GlobalMaxPool: the gradient goes to the elements equal to the result, split evenly among
+    ties (autograd's amax/amin convention)."""
+    x = node.input[0]
+    y, g = keep_reduced(b, node, node.output[0], axes), keep_reduced(b, node, gy[0], axes)
+    mask = b.add("Equal", [x, y])
+    count = reduce_sum(b, b.add("Cast", [mask], to=1), axes)
+    return b.add("Where", [mask, b.add("Div", [g, count]), b.const(0.0)])
+
+
+def reduce_extreme_rule(b, node, gy, want):
+    axes, _ = _reduce_axes(b, node)
+    if axes is None:
+        return [gy[0], None]
+    return [_extreme_backward(b, node, gy, axes), None]
+
+
+def global_maxpool_rule(b, node, gy, want):
+    rank = len(b.static_shape(node.input[0], "GlobalMaxPool backward"))
+    return [_extreme_backward(b, node, gy, list(range(2, rank)))]
+
+
+def _reduce_norm_rule(kind: str):
+    def rule(b, node, gy, want):
+        axes, _ = _reduce_axes(b, node)
+        x = node.input[0]
+        if axes is None:  # noop_with_empty_axes: the output is the input
+            return [gy[0], None]
+        g, y = keep_reduced(b, node, gy[0], axes), keep_reduced(b, node, node.output[0], axes)
+        if kind == "L1":
+            gx = b.add("Mul", [g, b.add("Sign", [x])])
+        elif kind == "L2":  # x / |x|, 0 where the norm is 0 (autograd's subgradient)
+            zero = b.add("Equal", [y, b.const(0.0)])
+            safe = b.add("Where", [zero, b.const(1.0), y])
+            gx = b.add("Where", [zero, b.const(0.0), b.add("Div", [b.add("Mul", [g, x]), safe])])
+        elif kind == "SumSquare":
+            gx = b.add("Mul", [b.add("Mul", [g, x]), b.const(2.0)])
+        else:  # LogSumExp
+            gx = b.add("Mul", [g, b.add("Exp", [b.add("Sub", [x, y])])])
+        return [gx, None]
+    return rule
+
+
 # --- structure ---------------------------------------------------------------------------------------------
 
 def reshape_like_input_rule(b, node, gy, want):
@@ -415,28 +497,65 @@ def concat_rule(b, node, gy, want):
     return [p if w else None for p, w in zip(parts, want)]
 
 
+def _pad_source(o: int, begin: int, dim: int, mode: str) -> int | None:
+    """The input position output position `o` of a padded axis copies (None: the constant)."""
+    i = o - begin
+    if 0 <= i < dim:
+        return i
+    if mode == "constant":
+        return None
+    if mode == "edge":
+        return min(max(i, 0), dim - 1)
+    if mode == "wrap":
+        return i % dim
+    period = 2 * (dim - 1)  # reflect: mirror without repeating the edge
+    i = i % period if period else 0
+    return period - i if i >= dim else i
+
+
 def pad_rule(b, node, gy, want):
+    """Constant padding (the usual case): a Slice of the gradient. Cropping (negative pads) and the
+    reflect / edge / wrap modes: per padded axis a constant 0/1 matrix (copies add up), static sizes needed."""
     a = attrs(node)
     mode = a.get("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        _unsupported(b, f"Pad mode {mode!r} has no backward rule (only 'constant')")
-    pads = b.value(node.input[1]) if len(node.input) > 1 else np.array(a.get("pads"))
+    pads = b.value(node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(a.get("pads"))
     if pads is None:
         _unsupported(b, "pads must be constant")
-    pads = [int(p) for p in pads]
-    rank = len(pads) // 2
+    pads = [int(p) for p in np.ravel(pads)]
+    n = len(pads) // 2
+    shape = b.static_shape(node.input[0], "Pad backward")
+    rank = len(shape)
     if len(node.input) > 3 and node.input[3]:
-        axes = [int(v) % len(b.static_shape(node.input[0], "Pad backward")) for v in b.value(node.input[3])]
+        axes_value = b.value(node.input[3])
+        if axes_value is None:
+            _unsupported(b, "pad axes must be constant")
+        axes = [int(v) % rank for v in np.ravel(axes_value)]
     else:
-        axes = list(range(rank))
-    if any(p < 0 for p in pads):
-        _unsupported(b, "negative pads (cropping) are not supported")
-    big = np.iinfo(np.int64).max
-    starts = pads[:rank]
-    ends = [-p if p else big for p in pads[rank:]]
-    gx = b.add("Slice", [gy[0], b.const(starts, np.int64), b.const(ends, np.int64), b.const(axes, np.int64)])
-    return [gx] + [None] * (len(node.input) - 1)
+        axes = list(range(n))
+    if mode == "constant" and all(p >= 0 for p in pads):
+        big = np.iinfo(np.int64).max
+        starts = pads[:n]
+        ends = [-p if p else big for p in pads[n:]]
+        gx = b.add("Slice", [gy[0], b.const(starts, np.int64), b.const(ends, np.int64), b.const(axes, np.int64)])
+        return [gx] + [None] * (len(node.input) - 1)
+    if mode not in ("constant", "edge", "reflect", "wrap"):
+        _unsupported(b, f"Pad mode {mode!r} has no backward rule")
+    g = gy[0]
+    for k, ax in enumerate(axes):
+        begin, end = pads[k], pads[n + k]
+        if not begin and not end:
+            continue
+        dim = shape[ax]
+        if dim is None:
+            _unsupported(b, f"padded axis {ax} must be static for mode {mode!r} or negative pads")
+        matrix = np.zeros((dim + begin + end, dim), np.float32)
+        for o in range(dim + begin + end):
+            src = _pad_source(o, begin, dim, mode)
+            if src is not None:
+                matrix[o, src] += 1.0
+        g = apply_along_axis(b, g, ax, rank, matrix)
+    return [g] + [None] * (len(node.input) - 1)
 
 
 def cast_rule(b, node, gy, want):
@@ -457,6 +576,10 @@ PLAIN = {
     "ReduceMean": reduce_mean_rule, "ReduceSum": reduce_sum_rule,
     "Flatten": reshape_like_input_rule, "Reshape": reshape_like_input_rule, "Squeeze": reshape_like_input_rule,
     "Unsqueeze": reshape_like_input_rule, "Transpose": transpose_rule, "Concat": concat_rule, "Pad": pad_rule,
+    "ConvTranspose": conv_transpose_rule, "ReduceMax": reduce_extreme_rule, "ReduceMin": reduce_extreme_rule,
+    "GlobalMaxPool": global_maxpool_rule, "ReduceL1": _reduce_norm_rule("L1"), "ReduceL2": _reduce_norm_rule("L2"),
+    "ReduceSumSquare": _reduce_norm_rule("SumSquare"), "ReduceLogSumExp": _reduce_norm_rule("LogSumExp"),
+    **pointwise.RULES, **normalization.RULES, **movement.RULES, **einsum.RULES,
 }
 
 GUIDED = {**PLAIN, "Relu": guided_relu_rule, "Clip": guided_clip_rule}

@@ -15,6 +15,7 @@ from onnx import external_data_helper, numpy_helper
 
 import graph_passes as gp
 from graph_passes._graph import graph_inputs, producers, skeleton, tensor_infos
+from graph_passes.precision import HALF
 
 from ..errors import SaliencyError, UnsupportedModelError
 from ..ort_logging import quiet_onnxruntime
@@ -262,7 +263,8 @@ def _find_image_input(model: onnx.ModelProto, path: Path):
     candidates = []
     for vi in graph_inputs(model):
         dims = vi.type.tensor_type.shape.dim
-        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and len(dims) == 4:
+        # float16 / bfloat16 inputs are computed in float32 (canonicalize, graph_passes.precision)
+        if vi.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, *HALF) and len(dims) == 4:
             candidates.append(vi)
     if len(candidates) != 1:
         names = [vi.name for vi in graph_inputs(model)]
@@ -289,12 +291,12 @@ def _score_tensor(model: onnx.ModelProto, path: Path) -> tuple[str, str, int]:
     return out.name, score, int(info.shape[1])
 
 
-def unsupported_nodes(model: onnx.ModelProto, output: str, rules=None) -> list[tuple[str, str]]:
-    """Nodes between the image input and the scores that no backward rule covers."""
+def unsupported_nodes(model: onnx.ModelProto, output: str, image_input: str, rules=None) -> list[tuple[str, str]]:
+    """Nodes on a differentiable path from the image input to the scores that no backward rule covers; what
+    does not depend on the image (constants folding left, shape arithmetic) runs but is never differentiated."""
     ops = gp.supported_ops(rules)
-    needed = gp._graph.ancestors(model.graph, [output])
-    return [(n.name, n.op_type) for n in model.graph.node
-            if n.op_type not in ops and any(o in needed for o in n.output)]
+    return [(n.name, n.op_type) for n in gp.vjp.differentiable_path(model, [image_input], output)
+            if n.op_type not in ops]
 
 
 def release_freed_memory() -> None:
@@ -321,10 +323,10 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
         raise SaliencyError(f"{path}: {err}") from err
     release_freed_memory()
     output_name, score, classes = _score_tensor(canonical, path)
-    missing = unsupported_nodes(canonical, score)
+    missing = unsupported_nodes(canonical, score, image.name)
     if missing:
-        listed = ", ".join(f"{name} ({op})" for name, op in missing)
-        raise UnsupportedModelError(f"{path}: unsupported op(s) in {len(missing)} node(s): {listed}")
+        raise UnsupportedModelError(f"{path}: unsupported op(s) in {len(missing)} node(s): "
+                                    f"{gp.summarize_nodes(missing)}")
     layout = "NHWC" if report.absorbed_transpose else _guess_layout(dims)
     if layout == "NHWC" and not report.absorbed_transpose:
         raise UnsupportedModelError(f"{path}: NHWC input {image.name!r} is not followed by a single "

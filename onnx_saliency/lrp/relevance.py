@@ -10,6 +10,7 @@ from onnx import helper
 import graph_passes as gp
 from graph_passes import lrp as R
 from graph_passes.fuse_affine import fuse_affine
+from graph_passes._graph import summarize_nodes
 
 from ..errors import SaliencyError, UnsupportedModelError
 from .composites import Composite
@@ -65,9 +66,8 @@ def build_relevance_graph(canonical: onnx.ModelProto, score: str, classes: int, 
     try:
         return R.append_lrp(m, score, list(at), seed=seed, rules=rules, analysis=analysis, record=record)
     except gp.UnsupportedOpsError as err:
-        listed = ", ".join(f"{n} ({op})" for n, op in err.nodes)
         raise UnsupportedModelError(f"LRP composite {composite.name}: no relevance rule for {len(err.nodes)} "
-                                    f"node(s): {listed}") from err
+                                    f"node(s): {summarize_nodes(err.nodes)}") from err
     except gp.GraphPassError as err:
         raise UnsupportedModelError(f"LRP composite {composite.name}: {err}") from err
 

@@ -24,8 +24,10 @@ def rule_report(model, composite) -> list[str]:
     needed = ancestors(canonical.graph, [score])
     lines = [f"composite {composite.name}"]
     missing = []
+    by_op: dict = {}  # op type -> {(rule name, reason): count}
     for node in canonical.graph.node:
-        if not any(o in needed for o in node.output) or not any(i in a.activations for i in node.input):
+        if (not any(o in needed for o in node.output) or not any(i in a.activations for i in node.input)
+                or node.op_type in gp.vjp.NON_DIFFERENTIABLE):  # comparisons, shapes: no relevance flows
             continue
         rule = rules.get(node.name)
         tags = []
@@ -48,15 +50,22 @@ def rule_report(model, composite) -> list[str]:
             tags.append(f"gate: relevance to input {a.gates[node.name]}")
         if rule is None:
             missing.append(node)
+        else:
+            key = (rule.name, R.rule_reason(rule, node, a))
+            by_op.setdefault(node.op_type, {})[key] = by_op.get(node.op_type, {}).get(key, 0) + 1
         desc = rule.describe() if rule else "NO RULE"
         lines.append(f"{node.name}\t{node.op_type}\t{desc}" + (f"\t[{'; '.join(tags)}]" if tags else ""))
     if report is not None:
         lines += [f"BatchNormalization {bn} folded into {into}" for bn, into in report.folded_bn]
         lines += [f"BatchNormalization {bn} kept (no foldable producer)" for bn in report.kept_bn]
     lines += [line for line in folded if line.startswith(("folded", "MatMul"))]
+    lines.append("rules by op type:")
+    for op, rules_used in by_op.items():
+        lines.append(f"  {op}: " + ", ".join(f"{name} x{count} ({why})" for (name, why), count in rules_used.items()))
     lines.append(f"residual adds: {len(a.residual)}")
     if missing:
-        lines.append(f"nodes without a rule ({len(missing)}): " + ", ".join(f"{n.name} ({n.op_type})" for n in missing))
+        lines.append(f"nodes without a rule ({len(missing)}): "
+                     + gp.summarize_nodes([(n.name, n.op_type) for n in missing]))
     else:
         lines.append("nodes without a rule: none")
     return lines

@@ -7,7 +7,7 @@ import onnx
 
 import graph_passes as gp
 from graph_passes import lrp as R
-from graph_passes._graph import ancestors
+from graph_passes._graph import ancestors, summarize_nodes
 
 from .. import lrp as L
 from ..errors import SaliencyError, UnsupportedModelError
@@ -141,8 +141,8 @@ class ContrastiveExcitationBackprop(Method):
                     for t in others:
                         _rename_output(m, gp.grad_name(t), f"cmwp/contrast/{t}")
             except gp.UnsupportedOpsError as err:
-                listed = ", ".join(f"{n} ({op})" for n, op in err.nodes)
-                raise UnsupportedModelError(f"-m {self.name}: no excitation rule for {listed}") from err
+                raise UnsupportedModelError(f"-m {self.name}: no excitation rule for {len(err.nodes)} node(s): "
+                                            f"{summarize_nodes(err.nodes)}") from err
             except gp.GraphPassError as err:
                 raise UnsupportedModelError(f"-m {self.name}: {err}") from err
             return m
