@@ -112,18 +112,40 @@ class CompositeOption(click.Option):
 
 
 def parse_options(pairs) -> dict:
+    """KEY=VALUE pairs -> {key: value} (numbers cast; each method's declaration parses them for good)."""
     options = {}
     for pair in pairs:
-        if "=" not in pair:
+        if "=" not in pair or not pair.split("=", 1)[0].strip():
             raise SaliencyError(f"--option {pair!r}: expected KEY=VALUE")
         key, value = pair.split("=", 1)
+        key = key.strip()
+        if key in options:
+            raise SaliencyError(f"--option {key}: given twice")
         for cast in (int, float):
             try:
                 value = cast(value)
                 break
             except ValueError:
                 continue
-        options[key.strip()] = value
+        options[key] = value
+    return options
+
+
+FLAG_OPTIONS = {"composite": "--composite", "rule_map": "--rule-map"}
+
+
+def method_options(pairs, methods, **from_flags) -> dict:
+    """The --option pairs (and options set by their own flag, such as composite=--composite) checked against
+    what `methods` declare: an unknown key or a bad value is an error before any model is loaded."""
+    from onnx_saliency.methods.options import check_options
+
+    options = parse_options(pairs)
+    for key, value in from_flags.items():
+        if value is not None:
+            if key in options:
+                raise SaliencyError(f"{FLAG_OPTIONS.get(key, key)} and --option {key}: give it once")
+            options[key] = value
+    check_options(methods, options, FLAG_OPTIONS)
     return options
 
 
@@ -131,6 +153,8 @@ def parse_target(target):
     if target is None:
         return None
     parts = [t.strip() for t in target.split(",")]
+    if not all(parts):
+        raise SaliencyError(f"--target {target!r}: an empty class in the list")
     return parts[0] if len(parts) == 1 else parts
 
 
@@ -143,7 +167,7 @@ model_options = [
     click.option("--labels", "labels", type=click.Path(), default=None,
                  help="Class names: JSON list, Keras class-index JSON, or a text file with one name per line."),
     click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-    click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads."),
+    click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (1..1024)."),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from .intake.labels import load_labels
 from .intake.layers import Layer, candidate_layers, resolve_layer
 from .methods import Result, get_method
 from .methods.base import Request
+from .methods.options import check_options
 from .intake.model import LoadedModel, load_model
 from .intake.preprocess import PRESETS, Preprocessing, load_image, prepare
 from .models import label_names
@@ -22,6 +24,7 @@ class Explainer:
 
     def __init__(self, path, preset: str | None = None, provider: str = "cpu", threads: int | None = None,
                  labels=None, fuse_affine: bool = False, **preprocessing_overrides):
+        check_threads(threads)
         self.model: LoadedModel = load_model(path, fuse_affine=fuse_affine)
         self.engine = Engine(self.model, provider=provider, threads=threads)
         pre = self.model.preprocessing()
@@ -44,6 +47,7 @@ class Explainer:
     def from_loaded(cls, model: LoadedModel, preprocessing: Preprocessing, provider: str = "cpu",
                     threads: int | None = None) -> "Explainer":
         """An Explainer over a model loaded elsewhere (a scale-out actor gets it from the driver, not the file)."""
+        check_threads(threads)
         self = cls.__new__(cls)
         self.model = model
         self.engine = Engine(model, provider=provider, threads=threads)
@@ -92,7 +96,8 @@ class Explainer:
         return np.array([self._class_index(t) for t in items], np.int64)
 
     def _class_index(self, t) -> int:
-        if isinstance(t, (int, np.integer)) or (isinstance(t, str) and t.lstrip("-").isdigit()):
+        # ASCII digits only: str.isdigit() also accepts '²', which int() then refuses
+        if isinstance(t, (int, np.integer)) or (isinstance(t, str) and re.fullmatch(r"-?[0-9]+", t.strip())):
             i = int(t)
             if not 0 <= i < self.model.num_classes and i != -1:
                 raise SaliencyError(f"--target {t}: class index out of range 0..{self.model.num_classes - 1}")
@@ -114,8 +119,9 @@ class Explainer:
     # --- explaining -------------------------------------------------------------------------------------
     def explain(self, inputs, method: str = "gradcam", layer="auto", target=None, batch_size: int = 32,
                 **options) -> Result:
-        x, display = self.prepare(inputs)
         m = get_method(method)
+        check_options([m], options)  # a typo or a bad value fails before any work
+        x, display = self.prepare(inputs)
         specs = layer if isinstance(layer, (list, tuple)) else [layer]
         layers = [self.resolve_layer(s) for s in specs] if m.uses_layer else []
         req = Request(self.engine, x, self.targets(target, len(x)), layers, options, batch_size)
@@ -123,9 +129,23 @@ class Explainer:
         result.display = display
         return result
 
+    @staticmethod
+    def options_of(method: str, given: dict | None = None) -> dict:
+        """name -> Option the method declares (for callers sharing one options dict among methods)."""
+        return get_method(method).declared_options(given or {})
+
     def predict(self, inputs, batch_size: int = 32) -> np.ndarray:
         x, _ = self.prepare(inputs)
         return self.engine.forward(x, batch_size)[self.model.score_tensor]
+
+
+MAX_THREADS = 1024  # onnxruntime starts every thread up front: a typo such as 100000 hangs the machine
+
+
+def check_threads(threads) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or not 1 <= threads <= MAX_THREADS):
+        raise SaliencyError(f"--threads {threads}: expected a whole number from 1 to {MAX_THREADS}")
 
 
 def _preset_assumed(model: LoadedModel) -> bool:

@@ -160,9 +160,12 @@ def _explain_group(explainer, method, group, pictures, layer, targets, batch_siz
 
     NaN/Inf and out-of-memory are told apart per image (one image at a time, on this failure path only); any
     other error means the method cannot run on images of this shape: `broken[key]` remembers it."""
+    declared = explainer.options_of(method, options)
+    own = {k: v for k, v in options.items() if k in declared}  # the run's options serve all its methods
+
     def run(idx):
         result = explainer.explain([pictures[i] for i in idx], method=method, layer=layer,
-                                   target=[int(targets[i]) for i in idx], batch_size=batch_size, **options)
+                                   target=[int(targets[i]) for i in idx], batch_size=batch_size, **own)
         if not np.isfinite(result.maps).all():
             raise NumericalError(f"non-finite values (NaN/Inf) in the {method} map, made after the graph ran "
                                  "(in the method's post-processing)")

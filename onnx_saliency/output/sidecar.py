@@ -63,11 +63,22 @@ def sidecar(explainer, result, index: int, image: Path, options: dict) -> dict:
         "preprocessing": vars(explainer.preprocessing) if hasattr(explainer.preprocessing, "__dict__") else str(
             explainer.preprocessing),
         "assumptions": list(getattr(explainer, "assumptions", [])),  # chosen without the user's or model's word
-        "options": {k: v for k, v in {**options, **result.options}.items() if not isinstance(v, np.ndarray)},
+        # every option the method declares, as used (given or default), then what the method reports using
+        "options": options_used(explainer, result, options),
         "notes": result.notes,
         "versions": versions(),
         "execution_provider": explainer.engine.active_provider(),
     }
+
+
+def options_used(explainer, result, options: dict) -> dict:
+    """Every option the method declares, as used (given, else its default; an array only by its shape), then
+    what the method reports using (a resolved composite, say). Options of the run's other methods are left out."""
+    used = {}
+    for name, opt in explainer.options_of(result.method, options).items():
+        value = opt.default if options.get(name) is None else opt.parse(options[name], result.method)
+        used[name] = f"<array {list(value.shape)}>" if isinstance(value, np.ndarray) else value
+    return {**used, **{k: v for k, v in result.options.items() if not isinstance(v, np.ndarray)}}
 
 
 def write_outputs(explainer, result, images: list[Path], out: Path, options: dict) -> None:

@@ -1,0 +1,265 @@
+"""Hostile inputs, by class (issue 18), each with generated variants: whatever a user or an attacker passes,
+every command ends in one `error:` line and a non-zero exit, or in a right answer; never a traceback, a file
+written outside --out, a clobbered file or a silent wrong answer.
+
+Hypothesis budgets are small and derandomised (the same examples on every run) so the file holds on a
+loaded 2-core machine."""
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from onnx_saliency.cli.main import main
+from onnx_saliency.errors import SaliencyError
+from onnx_saliency.methods import METHODS, get_method
+from onnx_saliency.methods.options import Option, check_options
+from tests.graphs import tiny_classifier
+
+FEW = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+_WORK = Path(tempfile.mkdtemp(prefix="hostile-"))  # hypothesis examples share no pytest tmp_path
+atexit.register(shutil.rmtree, _WORK, True)
+MODEL = tiny_classifier(_WORK / "tiny.onnx")
+IMAGES = _WORK / "imgs"
+IMAGES.mkdir()
+for _i in range(2):
+    cv2.imwrite(str(IMAGES / f"img{_i}.png"), np.random.default_rng(_i).integers(0, 255, (16, 16, 3), np.uint8))
+
+
+def _cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output, result.exception
+
+
+def _one_error_line(code, text, exc, *needles):
+    """Exit 2, no traceback, exactly one `error:` line, naming every needle."""
+    assert exc is None or isinstance(exc, SystemExit), f"escaped: {exc!r}\n{text}"
+    assert code == 2, text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, text
+    assert "Traceback" not in text
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+# --- class 5: options are declared once and validated everywhere ---------------------------------------
+
+ALL_METHODS = [get_method(name) for name in sorted(METHODS)] + [get_method("gradcam+ge"), get_method("lrp+ge")]
+DECLARED = [(m, opt) for m in ALL_METHODS for opt in m.declared_options({}).values()]
+
+
+def test_every_option_a_method_reads_is_declared():
+    """Each `req.option("name")` / `req.options.get("name")` / `req.options["name"]` in the method modules
+    names an option its module declares (an undeclared one would be refused as unknown by the CLI)."""
+    import re
+
+    import onnx_saliency.methods as pkg
+
+    declared = {opt.name for _, opt in DECLARED}
+    used = set()
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        used |= set(re.findall(r"""req\.option\(\s*["'](\w+)["']""", text))
+        used |= set(re.findall(r"""req\.options(?:\.get\(|\[)\s*["'](\w+)["']""", text))
+    assert used and used <= declared, sorted(used - declared)
+
+
+@pytest.mark.parametrize("method,opt", DECLARED, ids=[f"{m.name}-{o.name}" for m, o in DECLARED])
+def test_declarations_are_well_formed(method, opt):
+    assert isinstance(opt, Option) and opt.help and opt.name.isidentifier()
+    if opt.default is not None and opt.kind != "array":
+        assert opt.parse(opt.default, method.name) == opt.default  # the default passes its own check
+    if opt.kind == "choice":
+        assert opt.default in opt.choices
+
+
+_values = st.one_of(st.text(max_size=12), st.integers(-10 ** 7, 10 ** 7), st.floats(allow_nan=True),
+                    st.booleans(), st.sampled_from(["0", "1", "1e3", "-0", " 5 ", "nan", "inf", "²", "٣", "true"]))
+
+
+@FEW
+@given(pick=st.integers(0, len(DECLARED) - 1), value=_values)
+def test_any_value_is_parsed_to_the_declaration_or_refused_in_one_line(pick, value):
+    method, opt = DECLARED[pick]
+    try:
+        check_options([method], {opt.name: value})
+    except SaliencyError as err:
+        text = str(err)
+        assert text.startswith(f"--option {opt.name}=") and method.name in text and "\n" not in text
+        return
+    parsed = opt.parse(value, method.name)
+    if opt.kind in ("int", "float"):
+        assert np.isfinite(parsed)
+        assert opt.low is None or parsed >= opt.low
+        assert opt.high is None or parsed <= opt.high
+        assert opt.kind == "float" or isinstance(parsed, int)
+    elif opt.kind == "choice":
+        assert parsed in opt.choices
+    elif opt.kind == "bool":
+        assert isinstance(parsed, bool)
+
+
+def _typo(draw, name):
+    i = draw(st.integers(0, len(name) - 1))
+    kind = draw(st.sampled_from(["drop", "swap", "double", "case"]))
+    if kind == "drop":
+        return name[:i] + name[i + 1:]
+    if kind == "swap" and i + 1 < len(name):
+        return name[:i] + name[i + 1] + name[i] + name[i + 2:]
+    if kind == "case":
+        return name.upper()
+    return name[:i] + name[i] + name[i:]
+
+
+@st.composite
+def typos(draw):
+    method, opt = draw(st.sampled_from([(m, o) for m, o in DECLARED if len(o.name) >= 4]))
+    return method, opt, _typo(draw, opt.name)
+
+
+@FEW
+@given(case=typos())
+def test_a_misspelt_option_is_refused_naming_it_and_the_closest(case):
+    method, opt, typo = case
+    known = method.declared_options({})
+    if typo in known:
+        return
+    with pytest.raises(SaliencyError) as err:
+        check_options([method], {typo: "1"})
+    text = str(err.value)
+    assert text.startswith(f"--option {typo}: not an option of {method.name}") and "\n" not in text
+    assert "did you mean" in text  # one edit away from a declared name: always a suggestion
+
+
+@FEW
+@given(key=st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=10))
+def test_unknown_keys_never_pass_silently(key):
+    m = get_method("integrated-gradients")
+    if key in m.declared_options({}):
+        return
+    with pytest.raises(SaliencyError, match="not an option of integrated-gradients"):
+        check_options([m], {key: 3})
+
+
+def test_a_key_one_method_of_the_run_declares_is_accepted_for_the_run():
+    check_options([get_method("gradcam"), get_method("integrated-gradients")], {"steps": 4})
+    with pytest.raises(SaliencyError, match="variant.*scorecam"):  # each declaring method checks the value
+        check_options([get_method("scorecam"), get_method("guidance-cam")], {"variant": "per-channel"})
+
+
+@pytest.mark.parametrize("pair,needle", [
+    ("stpes=5", "did you mean 'steps'"), ("steps=0", "from 1 to 10000"), ("steps=-3", "from 1 to 10000"),
+    ("steps=abc", "integer"), ("steps=2.5", "integer"), ("steps=99999999", "from 1 to 10000"),
+    ("baseline=garbage", "finite number"), ("baseline=nan", "finite number"), ("=3", "KEY=VALUE"),
+    ("steps", "KEY=VALUE")])
+def test_explain_refuses_bad_options_before_any_work(tmp_path, pair, needle):
+    out = tmp_path / "out"
+    code, text, exc = _cli("explain", MODEL, IMAGES, "-m", "integrated-gradients", "--option", pair, "--out", out)
+    _one_error_line(code, text, exc, "--option", needle)
+    assert not out.exists()
+
+
+def test_options_are_refused_alike_by_evaluate_audit_and_compare(tmp_path):
+    for args in (["evaluate", MODEL, IMAGES, "-m", "smoothgrad", "--option", "noise_levle=0.2"],
+                 ["audit", MODEL, MODEL, IMAGES, "-m", "smoothgrad", "--option", "noise_levle=0.2"],
+                 ["compare", MODEL, IMAGES / "img0.png", "-m", "smoothgrad", "--option", "noise_levle=0.2"]):
+        _one_error_line(*_cli(*args, "--out", tmp_path / args[0]), "noise_levle", "noise_level")
+        assert not (tmp_path / args[0]).exists()
+
+
+def test_composite_flag_with_no_lrp_method_is_refused(tmp_path):
+    _one_error_line(*_cli("explain", MODEL, IMAGES, "-m", "gradcam", "--composite", "epsilon-plus",
+                          "--out", tmp_path / "o"), "--composite", "gradcam")
+
+
+def test_api_refuses_what_the_cli_refuses():
+    from onnx_saliency import Explainer
+
+    ex = Explainer(MODEL)
+    x = np.random.default_rng(0).integers(0, 255, (1, 16, 16, 3), np.uint8)
+    for bad, needle in (({"steps": 0}, "steps=0"), ({"stpes": 4}, "did you mean 'steps'"),
+                        ({"baseline": np.full((1, 3, 16, 16), np.nan, np.float32)}, "baseline"),
+                        ({"steps": "-3"}, "steps")):
+        with pytest.raises(SaliencyError, match=needle):
+            ex.explain(list(x), method="integrated-gradients", **bad)
+    with pytest.raises(SaliencyError, match="broadcast"):
+        ex.explain(list(x), method="integrated-gradients", baseline=np.zeros((5, 7), np.float32))
+    r = ex.explain(list(x), method="integrated-gradients", steps="3")  # text parses to the declared int
+    assert np.isfinite(r.maps).all() and r.options["steps"] == 3
+
+
+def test_sidecar_records_the_declared_options_as_used(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    code, text, exc = _cli("explain", MODEL, IMAGES, "-m", "smoothgrad", "-m", "gradcam", "--option", "n=2",
+                           "--out", out, "-q")
+    assert code == 0 and exc is None, text
+    meta = json.loads((out / "img0" / "smoothgrad.json").read_text())
+    assert meta["options"] == {"n": 2, "noise_level": 0.1, "seed": 0, "noise": None}
+    assert json.loads((out / "img0" / "gradcam.json").read_text())["options"] == {}
+
+
+def test_methods_lists_every_declared_option():
+    code, text, exc = _cli("methods")
+    assert code == 0, text
+    flat = " ".join(text.split())
+    for method, opt in DECLARED:
+        assert opt.describe() in flat, opt.describe()
+
+
+@FEW
+@given(target=st.one_of(st.text(st.characters(categories=("Nd", "No", "Nl")), min_size=1, max_size=3),
+                        st.text(min_size=1, max_size=6)))
+def test_any_target_text_is_a_class_or_one_line_error(target):
+    from onnx_saliency import Explainer
+
+    ex = _explainer()
+    try:
+        got = ex.targets(target, 1)
+    except SaliencyError as err:
+        assert str(err).startswith("--target") and "\n" not in str(err)
+        return
+    assert got.dtype == np.int64 and (got[0] == -1 or 0 <= got[0] < ex.model.num_classes)
+    assert isinstance(ex, Explainer)
+
+
+_EX = []
+
+
+def _explainer():
+    from onnx_saliency import Explainer
+
+    if not _EX:
+        _EX.append(Explainer(MODEL))
+    return _EX[0]
+
+
+def test_superscript_target_is_an_error_line(tmp_path):
+    _one_error_line(*_cli("explain", MODEL, IMAGES, "--target", "²", "--out", tmp_path / "o"), "--target")
+
+
+@pytest.mark.parametrize("threads", ["0", "-1", "100000", "abc"])
+def test_threads_are_bounded(tmp_path, threads):
+    code, text, exc = _cli("explain", MODEL, IMAGES, "--threads", threads, "--out", tmp_path / "o")
+    assert code == 2 and exc is None or isinstance(exc, SystemExit), text
+    assert "--threads" in text and "Traceback" not in text
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("size,cols", [("100000", None), ("4097", None), ("7", None), ("64", "1000")])
+def test_compare_canvas_is_bounded(tmp_path, size, cols):
+    extra = ["--cols", cols] if cols else []
+    _one_error_line(*_cli("compare", MODEL, IMAGES / "img0.png", "--size", size, *extra,
+                          "--out", tmp_path / "c.png"), "--size" if not cols else "--cols")
+    assert not (tmp_path / "c.png").exists()
