@@ -91,8 +91,10 @@ def expand_images(items) -> list[Path]:
             images.append(p)
         else:
             raise SaliencyError(f"{p}: no such image file or folder")
-    stems = [p.stem for p in images]
-    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    from onnx_saliency.output.sidecar import output_name
+
+    names = [output_name(p) for p in images]
+    dupes = sorted({s for s in names if names.count(s) > 1})
     if dupes:
         raise SaliencyError(f"several images share the name {dupes[0]!r}; outputs are written per image stem")
     return images

@@ -18,6 +18,7 @@ from graph_passes._graph import graph_inputs, producers, skeleton, tensor_infos
 from graph_passes.precision import HALF
 
 from ..errors import SaliencyError, UnsupportedModelError
+from ..guard import note_input
 from ..ort_logging import quiet_onnxruntime
 from .preprocess import Preprocessing, labels_from_metadata
 
@@ -140,8 +141,14 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> in
     Absolute paths and '..' are refused from the string alone, symlinks by resolving the path: nothing
     outside the folder is ever opened, only stat'ed once its location is known to be inside it. Offsets
     and lengths are checked against the file size and the tensor's shape, before any data is read.
+
+    Model-hub caches (Hugging Face: snapshots/REV/model.onnx and model.onnx_data are symlinks into a blobs
+    folder beside the snapshots) are accepted by one more rule: where the model file is itself a symlink,
+    data may also resolve into the folder the model's own bytes live in. That folder was chosen by whoever
+    made the model's link, not by the model's contents, so it opens no way out to a hostile model.
     """
     root = folder.resolve()
+    roots = {root, path.resolve().parent}
     total = 0
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
@@ -155,8 +162,9 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> in
         if "\x00" in location or _location_escapes(location):
             raise outside
         target = (folder / location).resolve()
-        if not target.is_relative_to(root):  # a symlink (of the file or a folder on the way) leading out
+        if not any(target.is_relative_to(r) for r in roots):  # a symlink (file or folder on the way) leading out
             raise outside
+        note_input(target)  # never written over by this run's outputs
         if not target.is_file():
             raise SaliencyError(f"{path}: external data file {location!r} of tensor {name!r} is missing")
         try:
@@ -176,6 +184,20 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> in
                                 f"its shape {list(tensor.dims)} needs {expected}")
         total += length
     return total
+
+
+def _load_checked_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Read external tensors whose locations, offsets and lengths `_check_external_data` has accepted."""
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        offset = int(_external_entry(tensor, "offset") or 0)
+        length = _external_entry(tensor, "length")
+        with open((folder / _external_entry(tensor, "location")).resolve(), "rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read() if length is None else f.read(int(length))
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _check_weights(model: onnx.ModelProto, path: Path) -> None:
@@ -215,6 +237,7 @@ def read_model(path) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise SaliencyError(f"{path}: no such model file")
+    note_input(path)  # never written over by this run's outputs
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -246,7 +269,10 @@ def read_model(path) -> onnx.ModelProto:
                                 "not supported (the ONNX checker and shape inference need the whole graph in one "
                                 "protobuf, which is limited to 2 GiB)")
         try:
-            external_data_helper.load_external_data_for_model(model, str(path.parent))
+            if path.is_symlink():  # a model-hub snapshot: onnx refuses symlinked data, checked above instead
+                _load_checked_external_data(model, path.parent)
+            else:
+                external_data_helper.load_external_data_for_model(model, str(path.parent))
         except Exception as err:  # onnx re-checks paths and bounds itself; its message names the tensor
             raise SaliencyError(f"{path}: cannot read external data ({str(err).splitlines()[0]})") from None
     try:
