@@ -263,3 +263,203 @@ def test_compare_canvas_is_bounded(tmp_path, size, cols):
     _one_error_line(*_cli("compare", MODEL, IMAGES / "img0.png", "--size", size, *extra,
                           "--out", tmp_path / "c.png"), "--size" if not cols else "--cols")
     assert not (tmp_path / "c.png").exists()
+
+
+# --- class 1: untrusted names become paths -----------------------------------------------------------------
+
+_stems = st.binary(min_size=1, max_size=60).filter(lambda b: b"/" not in b and b"\0" not in b)
+
+
+@FEW
+@given(raw=_stems)
+def test_output_names_stay_inside_out_and_are_plain_or_escaped(raw):
+    import os
+
+    from onnx_saliency.output.sidecar import output_name
+
+    image = Path(os.fsdecode(raw + b".png"))
+    name = output_name(image)
+    assert name and name not in (".", "..") and "/" not in name and "\0" not in name
+    assert not name.startswith(".") and len(name.encode("utf-8")) <= 255 and name.isprintable()
+    out = _WORK / "names-out"
+    assert (out / name).resolve().parent == out.resolve()  # one level below --out, whatever the name
+    stem = os.fsdecode(raw)
+    # plain names are the stem itself; others hold a '%', which plain names never do
+    assert name == stem or "%" in name
+    if "%" in stem or stem.startswith(".") or not stem.isprintable():
+        assert name != stem
+
+
+@FEW
+@given(a=_stems, b=_stems)
+def test_different_stems_never_share_an_output_folder(a, b):
+    import os
+
+    from onnx_saliency.output.sidecar import output_name
+
+    if a != b:
+        assert output_name(os.fsdecode(a + b".png")) != output_name(os.fsdecode(b + b".png"))
+
+
+HOSTILE_NAMES = [b"...png", b"..png", b".hidden.png", b"50%.png", b"bad\xff\xfe.png", b"new\nline.png",
+                 b"tab\tand space.png", b"caf\xc3\xa9.png", b"\xe2\x80\xae-rtl.png", b"x" * 200 + b".png"]
+
+
+def test_hostile_image_names_explain_inside_out_with_reversible_sidecars(tmp_path):
+    import json
+    import os
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    data = (IMAGES / "img0.png").read_bytes()
+    for raw in HOSTILE_NAMES:
+        with open(os.path.join(os.fsencode(folder), raw), "wb") as f:
+            f.write(data)
+    out = tmp_path / "deep" / "out"
+    code, text, exc = _cli("explain", MODEL, folder, "--out", out, "-q")
+    assert code == 0 and exc is None, text
+    written = sorted(p for p in tmp_path.rglob("*") if p.is_file() and folder not in p.parents)
+    assert written and all(out in p.parents for p in written)  # nothing outside --out
+    recorded = set()
+    for sidecar in out.glob("*/gradcam.json"):
+        meta = json.loads(sidecar.read_bytes())
+        assert meta["output_name"] == sidecar.parent.name
+        recorded.add(os.fsencode(Path(meta["image"]).name))  # the exact bytes of the file name, back
+        assert (sidecar.parent / "gradcam.npy").is_file() and (sidecar.parent / "gradcam.png").is_file()
+    assert recorded == set(HOSTILE_NAMES)
+    code, text, exc = _cli("explain", MODEL, folder, "--out", out, "--resume")  # and resume finds them all
+    assert code == 0 and "already complete" in text, text
+
+
+# --- class 2: writers refuse what they must not replace ----------------------------------------------------
+
+def test_export_never_writes_over_its_model_by_any_spelling(tmp_path):
+    import os
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(MODEL.read_bytes())
+    before = model.read_bytes()
+    (tmp_path / "link.onnx").symlink_to(model)
+    os.link(model, tmp_path / "hard.onnx")
+    for target in (model, tmp_path / "." / "m.onnx", tmp_path / "link.onnx", tmp_path / "hard.onnx"):
+        _one_error_line(*_cli("export-explainer", model, "-o", target), "input of this run")
+    assert model.read_bytes() == before and (tmp_path / "link.onnx").is_symlink()
+
+
+def test_compare_never_writes_over_its_image(tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes((IMAGES / "img0.png").read_bytes())
+    _one_error_line(*_cli("compare", MODEL, image, "-o", image), "input of this run")
+    assert image.read_bytes() == (IMAGES / "img0.png").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "devnull"])
+def test_writers_refuse_non_regular_targets(tmp_path, kind):
+    import os
+    import stat
+
+    from onnx_saliency.output.writers import write_bytes, write_json
+
+    target = tmp_path / "t.json"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "dir":
+        target.mkdir()
+    else:
+        target.symlink_to("/dev/null")
+    for write in (lambda: write_bytes(target, b"x"), lambda: write_json(target, {"a": 1})):
+        with pytest.raises(SaliencyError, match="refusing to replace it"):
+            write()
+    mode = os.stat(target).st_mode
+    assert {"fifo": stat.S_ISFIFO, "dir": stat.S_ISDIR, "devnull": stat.S_ISCHR}[kind](mode)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_explain_into_a_fifo_target_is_an_error_not_a_hang(tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    (out / "img0").mkdir(parents=True)
+    os.mkfifo(out / "img0" / "gradcam.json")
+    _one_error_line(*_cli("explain", MODEL, IMAGES / "img0.png", "--out", out), "FIFO")
+
+
+# --- class 7: concurrent runs into one --out ----------------------------------------------------------------
+
+def test_cleanup_spares_a_live_writers_temp_and_removes_a_dead_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from onnx_saliency.output.writers import stale_temps, temp_prefix
+
+    target = tmp_path / "gradcam.json"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+        live_tmp = tmp_path / (temp_prefix(target, live.pid) + "abc.tmp")
+        dead_tmp = tmp_path / (temp_prefix(target, int(dead.stdout)) + "abc.tmp")
+        legacy_tmp = tmp_path / f".{target.name}xyz.tmp"  # an older version's name, no pid
+        for p in (live_tmp, dead_tmp, legacy_tmp):
+            p.write_bytes(b"partial")
+        assert sorted(stale_temps(target)) == sorted([dead_tmp, legacy_tmp])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_two_explain_runs_into_one_out_both_finish(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "onnx_saliency.cli.main", "explain", str(MODEL), str(IMAGES), "-m", "gradcam",
+           "-m", "gradient", "--out", str(out), "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=240)
+        assert run.returncode == 0, stderr
+        assert "Traceback" not in stderr
+    for image in ("img0", "img1"):
+        for method in ("gradcam", "gradient"):
+            assert json.loads((out / image / f"{method}.json").read_text())["method"] == method
+    assert not list(out.rglob("*.tmp"))
+
+
+# --- class 8: model-hub style snapshots --------------------------------------------------------------------
+
+def test_hub_snapshot_symlinks_load_and_links_out_are_refused(tmp_path):
+    import onnx
+
+    hub = tmp_path / "hub"
+    (hub / "blobs").mkdir(parents=True)
+    snap = hub / "snapshots" / "rev1"
+    snap.mkdir(parents=True)
+    model = onnx.load(str(MODEL))
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="model.onnx_data",
+              size_threshold=0)
+    (tmp_path / "ext.onnx").rename(hub / "blobs" / "aaa")
+    (tmp_path / "model.onnx_data").rename(hub / "blobs" / "bbb")
+    (snap / "model.onnx").symlink_to("../../blobs/aaa")
+    (snap / "model.onnx_data").symlink_to("../../blobs/bbb")
+    code, text, exc = _cli("explain", snap / "model.onnx", IMAGES, "--out", tmp_path / "o", "-q")
+    assert code == 0 and exc is None, text
+    plain = np.load(_explain_plain(tmp_path))
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / "img0" / "gradcam.npy"), plain)
+    # a data link leading anywhere else is still refused
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes((hub / "blobs" / "bbb").read_bytes())
+    (snap / "model.onnx_data").unlink()
+    (snap / "model.onnx_data").symlink_to(secret)
+    _one_error_line(*_cli("info", snap / "model.onnx"), "outside the model folder")
+
+
+def _explain_plain(tmp_path):
+    out = tmp_path / "plain"
+    code, text, exc = _cli("explain", MODEL, IMAGES, "--out", out, "-q")
+    assert code == 0, text
+    return out / "img0" / "gradcam.npy"

@@ -51,13 +51,14 @@ def stale_temps(path: Path) -> list[Path]:
         entries = list(path.parent.iterdir()) if path.parent.is_dir() else []
     except OSError:
         return []
-    head = f".{path.name}."
+    head = f".{path.name}"
     for entry in entries:
         name = entry.name
         if not (name.startswith(head) and name.endswith(".tmp")):
             continue
-        pid = name[len(head):].split(".", 1)[0]
-        if not pid.isdecimal() or not _alive(int(pid)):  # no pid: an older version's temp
+        rest = name[len(head):-len(".tmp")]  # '.PID.random' now; 'random' (no pid) from older versions
+        pid = rest[1:].split(".", 1)[0] if rest.startswith(".") else ""
+        if not pid.isdecimal() or not _alive(int(pid)):
             found.append(entry)
     return found
 
