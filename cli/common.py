@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from onnx_saliency.errors import SaliencyError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                   ".pnm", ".pam"}
+
+
+CRASH = 3  # exit code of an unexpected error (a bug); 1 = some images or methods skipped, 2 = bad input
 
 
 def fail_cleanly(fn):
@@ -34,6 +38,18 @@ def fail_cleanly(fn):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except click.exceptions.ClickException:
+            raise
+        except MemoryError:
+            click.echo("error: out of memory (lower --batch-size or --memory-budget)", err=True)
+            sys.exit(CRASH)
+        except Exception as err:  # a bug: its own exit code, never 1 (some images skipped) or 2 (bad input)
+            if os.environ.get("ONNX_SALIENCY_TRACEBACK"):
+                raise
+            text = " ".join(str(err).split())[:500]
+            click.echo(f"error: unexpected {type(err).__name__}: {text} (a bug in onnx-saliency; please report it "
+                       "with the command; ONNX_SALIENCY_TRACEBACK=1 shows the traceback)", err=True)
+            sys.exit(CRASH)
 
     return wrapper
 
@@ -182,8 +198,10 @@ def with_model_options(fn):
 def explainer_from_options(model, preset, resize, crop, resize_mode, labels, provider, threads):
     from onnx_saliency import Explainer
 
-    return Explainer(model, preset=preset, provider=provider, threads=threads, labels=labels,
-                     resize=resize, crop=crop, resize_mode=resize_mode)
+    ex = Explainer(model, preset=preset, provider=provider, threads=threads, labels=labels,
+                   resize=resize, crop=crop, resize_mode=resize_mode)
+    ex.check_session()
+    return ex
 
 
 def parse_bytes(text: str, option: str) -> int:

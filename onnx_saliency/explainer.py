@@ -129,6 +129,12 @@ class Explainer:
         result.display = display
         return result
 
+    def check_session(self) -> None:
+        """Build the plain forward session now (it is cached for the first run): a model onnxruntime cannot
+        load (an opset newer than the runtime, weights contradicting the graph) fails here as one error line,
+        before any image is read, rather than once per image."""
+        self.engine.session(*self.engine.graph())
+
     @staticmethod
     def options_of(method: str, given: dict | None = None) -> dict:
         """name -> Option the method declares (for callers sharing one options dict among methods)."""

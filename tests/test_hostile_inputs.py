@@ -463,3 +463,64 @@ def _explain_plain(tmp_path):
     code, text, exc = _cli("explain", MODEL, IMAGES, "--out", out, "-q")
     assert code == 0, text
     return out / "img0" / "gradcam.npy"
+
+
+# --- class 3: errors never escape as tracebacks; crashes have their own exit code --------------------------
+
+def _variant(tmp_path, name, change):
+    import onnx
+
+    model = onnx.load(str(MODEL))
+    change(model)
+    path = tmp_path / name
+    onnx.save(model, str(path))
+    return path
+
+
+def _opset(version):
+    def change(model):
+        model.opset_import[0].version = version
+    return change
+
+
+def _fc_shape(shape):
+    def change(model):
+        from onnx import numpy_helper
+
+        for t in model.graph.initializer:
+            if t.name == "fc":
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).reshape(shape), "fc"))
+    return change
+
+
+@pytest.mark.parametrize("name,change,needle", [
+    ("opset.onnx", _opset(99), "onnxruntime cannot load the model"),
+    ("fc16x2.onnx", _fc_shape((2, 16)), "onnxruntime cannot load the model"),
+    ("fc8x4.onnx", _fc_shape((8, 4)), "cannot load the model")])
+def test_session_failures_are_one_line_before_any_image(tmp_path, capfd, name, change, needle):
+    import subprocess
+    import sys
+
+    path = _variant(tmp_path, name, change)
+    for command in (["info", path], ["explain", path, IMAGES, "--out", tmp_path / "o"]):
+        run = subprocess.run([sys.executable, "-m", "onnx_saliency.cli.main", *map(str, command)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stderr
+        lines = run.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {name}: ") and needle in lines[0], run.stderr
+        assert "\x1b[" not in run.stderr and "[ONNXRuntimeError]" not in run.stderr  # no runtime log lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unexpected_error_exits_3_in_one_line(tmp_path, monkeypatch):
+    from onnx_saliency.explainer import Explainer
+
+    def boom(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(Explainer, "check_session", boom)
+    code, text, exc = _cli("explain", MODEL, IMAGES, "--out", tmp_path / "o")
+    assert code == 3 and isinstance(exc, SystemExit), text
+    assert text.strip().splitlines() == [
+        "error: unexpected KeyError: 'a bug' (a bug in onnx-saliency; please report it with the command; "
+        "ONNX_SALIENCY_TRACEBACK=1 shows the traceback)"]
