@@ -31,6 +31,7 @@ class Explainer:
         self.preprocessing: Preprocessing = pre.with_overrides(preset=preset, **preprocessing_overrides)
         # what was chosen for the user without a word from them or the model: said on stderr and in sidecars
         self.assumptions: list[str] = []
+        self.assumptions += self.model.notes
         if preset is None and _preset_assumed(self.model):
             p = self.preprocessing
             sizes = f"resize {p.resize} ({p.resize_mode}), crop {p.crop}" if p.resize_mode != "none" else "no resize"
@@ -135,6 +136,21 @@ class Explainer:
         before any image is read, rather than once per image."""
         self.engine.session(*self.engine.graph())
 
+    def run_settings(self, method: str, layer, target: int, options: dict) -> dict:
+        """What decides one image's map besides the model and the image: the layer as asked (layer methods
+        only), the target as asked (-1 = top-1), the preprocessing and the method's options as used (given,
+        else default). The sidecar records it; `explain --resume` redoes outputs whose settings differ."""
+        m = get_method(method)
+        specs = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+        used = {}
+        for name, opt in m.declared_options(options).items():
+            value = opt.default if options.get(name) is None else opt.parse(options[name], m.name)
+            used[name] = f"<array {list(np.shape(value))} sha256 {_digest(value)}>" if isinstance(
+                value, np.ndarray) else value
+        pre = self.preprocessing
+        return {"layer": [str(s) for s in specs] if m.uses_layer else [], "target": int(target),
+                "preprocessing": vars(pre) if hasattr(pre, "__dict__") else str(pre), "options": used}
+
     @staticmethod
     def options_of(method: str, given: dict | None = None) -> dict:
         """name -> Option the method declares (for callers sharing one options dict among methods)."""
@@ -143,6 +159,12 @@ class Explainer:
     def predict(self, inputs, batch_size: int = 32) -> np.ndarray:
         x, _ = self.prepare(inputs)
         return self.engine.forward(x, batch_size)[self.model.score_tensor]
+
+
+def _digest(array: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
 MAX_THREADS = 1024  # onnxruntime starts every thread up front: a typo such as 100000 hangs the machine

@@ -524,3 +524,95 @@ def test_an_unexpected_error_exits_3_in_one_line(tmp_path, monkeypatch):
     assert text.strip().splitlines() == [
         "error: unexpected KeyError: 'a bug' (a bug in onnx-saliency; please report it with the command; "
         "ONNX_SALIENCY_TRACEBACK=1 shows the traceback)"]
+
+
+# --- class 4: no silent wrong answers ----------------------------------------------------------------------
+
+def _bn_model(path, training: int, use_stats: bool = False):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"],
+                              ["n", "rm", "rv"] if training else ["n"], training_mode=training, name="bn"),
+             helper.make_node("Relu", ["n"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1, name="fc")]
+    inits = {"w": rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "s": np.ones(6, np.float32),
+             "b": np.zeros(6, np.float32), "m": rng.standard_normal(6).astype(np.float32),
+             "v": np.full(6, 2.0, np.float32), "fc": rng.standard_normal((3, 6)).astype(np.float32)}
+    outputs = [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [None, 3])]
+    if use_stats:
+        outputs.append(helper.make_tensor_value_info("rm", onnx.TensorProto.FLOAT, [6]))
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT,
+                                                                          [None, 3, 16, 16])],
+                              outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.metadata_props.append(onnx.StringStringEntryProto(key="onnx_saliency.preset", value="tf"))
+    onnx.save(model, str(path))
+    return path
+
+
+@FEW
+@given(seed=st.integers(0, 2 ** 16), method=st.sampled_from(["gradcam", "gradient", "lrp"]))
+def test_training_mode_batchnorm_maps_do_not_depend_on_the_batch(seed, method):
+    from onnx_saliency import Explainer
+
+    path = _WORK / "bn_train.onnx"
+    if not path.exists():
+        _bn_model(path, training=1)
+        _bn_model(_WORK / "bn_eval.onnx", training=0)
+    x = list(np.random.default_rng(seed).integers(0, 255, (3, 16, 16, 3), np.uint8))
+    train, evaluated = Explainer(path), Explainer(_WORK / "bn_eval.onnx")
+    alone = train.explain(x[:1], method=method).maps[0]
+    together = train.explain(x, method=method).maps[0]
+    np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alone, evaluated.explain(x[:1], method=method).maps[0], rtol=1e-5, atol=1e-6)
+    assert any("training mode" in text for text in train.assumptions)
+
+
+def test_training_mode_batchnorm_whose_statistics_are_used_is_refused(tmp_path):
+    path = _bn_model(tmp_path / "bn_stats.onnx", training=1, use_stats=True)
+    _one_error_line(*_cli("info", path), "bn_stats.onnx", "training mode", "'bn'")
+
+
+def test_training_mode_note_is_said_and_recorded(tmp_path):
+    import json
+
+    path = _bn_model(tmp_path / "bn_train.onnx", training=1)
+    out = tmp_path / "out"
+    code, text, exc = _cli("explain", path, IMAGES, "--out", out)
+    assert code == 0, text
+    assert "training mode" in text
+    assert any("training mode" in a for a in json.loads((out / "img0" / "gradcam.json").read_text())["assumptions"])
+
+
+@pytest.mark.parametrize("change", [["--target", "2"], ["--layer", "a1"], ["--preset", "raw"],
+                                    ["-m", "smoothgrad", "--option", "n=3"]])
+def test_resume_redoes_outputs_made_with_other_settings(tmp_path, change):
+    base = ["-m", "smoothgrad", "--option", "n=2"] if "-m" in change else []
+    out = tmp_path / "out"
+    first = _cli("explain", MODEL, IMAGES, *base, "--out", out, "-q")
+    assert first[0] == 0, first[1]
+    again = _cli("explain", MODEL, IMAGES, *base, "--out", out, "--resume", "-q")
+    assert "2 already complete" in again[1], again[1]
+    args = change if "-m" in change else base + change
+    changed = _cli("explain", MODEL, IMAGES, *args, "--out", out, "--resume", "-q")
+    assert changed[0] == 0 and "already complete" not in changed[1], changed[1]
+    assert "2 already complete" in _cli("explain", MODEL, IMAGES, *args, "--out", out, "--resume", "-q")[1]
+
+
+def test_a_fixed_batch_of_one_model_runs_at_the_default_batch_size(tmp_path):
+    import onnx
+
+    model = onnx.load(str(MODEL))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    path = tmp_path / "batch1.onnx"
+    onnx.save(model, str(path))
+    code, text, exc = _cli("explain", path, IMAGES, "-m", "gradcam", "-m", "integrated-gradients",
+                           "--option", "steps=3", "--out", tmp_path / "o", "-q")
+    assert code == 0 and exc is None, text

@@ -43,6 +43,7 @@ class LoadedModel:
     labels: list | None = None
     batch: int | None = None   # the image input's static batch (plain torch exports: 1); None where dynamic
     module_cache: dict | None = field(default=None, repr=False, compare=False)  # layers.module_paths
+    notes: list = field(default_factory=list)  # what loading changed that changes the answer (said, recorded)
 
     def label(self, index: int) -> str:
         if self.labels and 0 <= index < len(self.labels):
@@ -343,8 +344,9 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     image = _find_image_input(original, path)
     dims = image.type.tensor_type.shape.dim
     quiet_onnxruntime()  # constant folding runs onnxruntime sessions of onnx-graphsurgeon's
+    inference, notes = inference_mode_batchnorm(original, path)
     try:
-        canonical, report = gp.canonicalize(original, fuse_affine=fuse_affine, return_report=True)
+        canonical, report = gp.canonicalize(inference, fuse_affine=fuse_affine, return_report=True)
     except gp.GraphPassError as err:
         raise SaliencyError(f"{path}: {err}") from err
     release_freed_memory()
@@ -363,7 +365,40 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     return LoadedModel(path=path, sha256=sha256_of(path), original=original, canonical=canonical, report=report,
                        input_name=image.name, layout=layout, input_hw=(static[2], static[3]),
                        channels=static[1] or 3, output_name=output_name, score_tensor=score, num_classes=classes,
-                       metadata=metadata, labels=labels_from_metadata(metadata), batch=static[0] or None)
+                       metadata=metadata, labels=labels_from_metadata(metadata), batch=static[0] or None,
+                       notes=notes)
+
+
+def inference_mode_batchnorm(model: onnx.ModelProto, path: Path) -> tuple[onnx.ModelProto, list[str]]:
+    """BatchNormalization with training_mode=1 normalises by the statistics of the batch it is given, so an
+    image's map would depend on which other images share its batch. Such nodes are run in inference mode
+    (their running mean and variance), with a note; refused when something reads their running-statistics
+    outputs (the graph then needs training mode). Returns `model` itself when no node is in training mode."""
+    training = [n for n in model.graph.node if n.op_type == "BatchNormalization"
+                and any(a.name == "training_mode" and a.i for a in n.attribute)]
+    if not training:
+        return model, []
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for node in training:
+        used = [o for o in node.output[1:] if o and o in read]
+        if used:
+            raise UnsupportedModelError(f"{path}: BatchNormalization {node.name or node.output[0]!r} runs in "
+                                        f"training mode and its running statistics ({', '.join(used)}) are used "
+                                        "by the graph; export the model in eval mode")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    names = []
+    for node in out.graph.node:
+        if node.op_type == "BatchNormalization" and any(a.name == "training_mode" and a.i for a in node.attribute):
+            kept = [a for a in node.attribute if a.name != "training_mode"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            del node.output[1:]
+            names.append(node.name or node.output[0])
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return out, [f"{path.name}: {len(names)} BatchNormalization node(s) in training mode ({shown}), which "
+                 "normalise by the statistics of each batch; explained in inference mode with their running "
+                 "mean and variance, so a map does not depend on the other images in its batch"]
 
 
 def _guess_layout(dims) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 from .. import __version__
 from ..intake.layers import module_of_tensor
 from .postprocess import colorize, colorize_signed, minmax, overlay
-from .writers import stale_temps, write_json, write_npy, write_png
+from .writers import json_default, stale_temps, write_json, write_npy, write_png
 
 OUTPUT_SUFFIXES = (".npy", ".png", ".json")
 
@@ -68,6 +68,8 @@ def sidecar(explainer, result, index: int, image: Path, options: dict) -> dict:
         "assumptions": list(getattr(explainer, "assumptions", [])),  # chosen without the user's or model's word
         # every option the method declares, as used (given or default), then what the method reports using
         "options": options_used(explainer, result, options),
+        # what decides the map besides model and image, as asked: `explain --resume` compares it
+        "settings": (result.settings[index] if getattr(result, "settings", None) is not None else None),
         "notes": result.notes,
         "versions": versions(),
         "execution_provider": explainer.engine.active_provider(),
@@ -128,9 +130,10 @@ def write_image_outputs(explainer, result, i: int, image: Path, out: Path, optio
     write_json(sidecar_path, sidecar(explainer, result, i, image, options))
 
 
-def outputs_complete(out: Path, image: Path, method: str, model_sha256: str) -> bool:
+def outputs_complete(out: Path, image: Path, method: str, model_sha256: str, settings: dict | None = None) -> bool:
     """True when the three outputs of (image, method) exist, load, agree on the map shape, and the sidecar
-    names this method and model; options are not compared (changing them needs a fresh --out or no --resume).
+    names this method and model and, where `settings` is given, was made with those settings (layer, target,
+    preprocessing, options: `Explainer.run_settings`); outputs made otherwise are redone.
     """
     npy, png, sidecar_path = output_paths(out, image, method)
     try:
@@ -140,6 +143,8 @@ def outputs_complete(out: Path, image: Path, method: str, model_sha256: str) -> 
     except (OSError, ValueError, EOFError):
         return False
     if not isinstance(meta, dict) or meta.get("method") != method or meta.get("model_sha256") != model_sha256:
+        return False
+    if settings is not None and meta.get("settings") != json.loads(json.dumps(settings, default=json_default)):
         return False
     shape = meta.get("map", {}).get("shape") if isinstance(meta.get("map"), dict) else None
     return (saliency.ndim == 2 and saliency.dtype == np.float32 and list(saliency.shape) == shape
