@@ -324,6 +324,75 @@ def test_ge_wraps_any_base_with_at_most_one_extra_forward(ge_net):
         get_method("nope+ge")
 
 
+def _resnet_style(order: str = "exporter"):
+    """stem (strided conv, pool) -> bottleneck block (strided 3x3 conv2, strided 1x1 shortcut, Add(main,
+    shortcut)) -> strided conv -> GAP head. Listed as torch runs it ("exporter"), shortcut first ("shortcut
+    first", still topological) or reversed (not topological)."""
+    rng = np.random.default_rng(11)
+    conv = lambda i, o, name, s=1, k=3: helper.make_node(  # noqa: E731
+        "Conv", [i, f"{name}_w", f"{name}_b"], [o], name=name, strides=[s, s], pads=[k // 2] * 4)
+    relu = lambda i, o: helper.make_node("Relu", [i], [o], name=f"relu_{o}")  # noqa: E731
+    main = [conv("input", "stem", "stem", 2), relu("stem", "stem_a"),
+            helper.make_node("MaxPool", ["stem_a"], ["pool"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+            conv("pool", "b_c1", "b_conv1", 1, 1), relu("b_c1", "b_a1"), conv("b_a1", "b_c2", "b_conv2", 2),
+            relu("b_c2", "b_a2"), conv("b_a2", "b_c3", "b_conv3", 1, 1)]
+    shortcut = [conv("pool", "b_sc", "b_shortcut", 2, 1)]
+    tail = [helper.make_node("Add", ["b_c3", "b_sc"], ["b_sum"], name="b_add"), relu("b_sum", "b_out"),
+            conv("b_out", "top", "top", 2), relu("top", "top_a"),
+            helper.make_node("GlobalAveragePool", ["top_a"], ["gap"], name="gap"),
+            helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+            helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc")]
+    nodes = {"exporter": main + shortcut + tail, "shortcut first": main[:3] + shortcut + main[3:] + tail,
+             "reversed": (main + shortcut + tail)[::-1]}[order]
+    shapes = {"stem": (6, 3, 3), "b_conv1": (4, 6, 1), "b_conv2": (4, 4, 3), "b_conv3": (8, 4, 1),
+              "b_shortcut": (8, 6, 1), "top": (8, 8, 3)}
+    inits = {"fc": rng.standard_normal((CLASSES, 8)).astype(np.float32)}
+    for name, (o, i, k) in shapes.items():
+        inits[f"{name}_w"] = (rng.standard_normal((o, i, k, k)) / np.sqrt(i * k * k)).astype(np.float32)
+        inits[f"{name}_b"] = (rng.standard_normal(o) * 0.1).astype(np.float32)
+    graph = helper.make_graph(nodes, "resnet_style",
+                              [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["n", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["n", CLASSES])],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model.metadata_props.append(onnx.StringStringEntryProto(key="onnx_saliency.preset", value="raw"))
+    return model
+
+
+def test_canonical_graphs_keep_the_exporters_order_and_ge_runs_in_execution_order(tmp_path):
+    """Regression (issue 17 item 1): a fresh toposort lists the shortcut conv ahead of conv2; canonicalisation
+    keeps the exporter's order, and GE reads the execution order from the data flow whatever the listing."""
+    import onnx_graphsurgeon as gs
+
+    from graph_passes.canonicalize import canonicalize
+
+    model = _resnet_style()
+    listed = [n.name for n in model.graph.node]
+    resorted = [n.name for n in gs.export_onnx(gs.import_onnx(model).toposort()).graph.node]
+    assert resorted != listed and resorted.index("b_shortcut") < resorted.index("b_conv2")  # the premise
+    assert [n.name for n in canonicalize(model).graph.node] == listed
+    backwards = canonicalize(_resnet_style("reversed"))  # a listing that is not topological is sorted
+    assert sorted(n.name for n in backwards.graph.node) == sorted(listed)
+
+    expected = ["input", "stem", "pool", "b_c2", "b_sc", "top"]
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    maps = {}
+    for order in ("exporter", "shortcut first"):  # (reading a model refuses a non-topological listing)
+        onnx.save(_resnet_style(order), tmp_path / "m.onnx")
+        ex = Explainer(tmp_path / "m.onnx")
+        assert downsampling_excitations(ex.model, ["top_a"]) == expected, order
+        maps[order] = ex.explain(x, method="gradcam+ge", layer="top_a", ge_variant="upsample", ge_scope="layer")
+    gradcam = ex.explain(x, method="gradcam", layer="top_a")
+    acts = ex.engine.run(x, expose=expected[1:])
+    hooked = [x] + [acts[t] for t in expected[1:]]  # as the reference's forward hooks record them
+    ref = _ge_reference(gradcam.raw, hooked, (32, 32), "upsample")
+    for order, r in maps.items():
+        np.testing.assert_allclose(r.maps, ref, atol=2e-4, err_msg=order)
+    # the test can tell: with conv2 kept instead of the shortcut (the old listing bug) the map differs
+    swapped = _ge_reference(gradcam.raw, [hooked[i] for i in (0, 1, 2, 4, 3, 5)], (32, 32), "upsample")
+    assert np.abs(swapped - ref).max() > 0.1
+
+
 class _Constant(Method):
     name = "constant"
 

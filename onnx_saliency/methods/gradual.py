@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from graph_passes._graph import ancestors, attrs, tensor_infos
+from graph_passes._graph import attrs, execution_order, tensor_infos
 
 from ..errors import SaliencyError
 from ..output.postprocess import resize_maps
@@ -21,17 +21,19 @@ SCOPES = ("layer", "all")
 
 
 def downsampling_excitations(model, tensors, scope: str = "layer") -> list[str]:
-    """Forward-ordered excitations: the input of the first down-sampling node, then the output of every
+    """Excitations in execution order: the input of the first down-sampling node, then the output of every
     MaxPool and strided Conv / AveragePool. scope "layer": only nodes the given tensors depend on;
-    "all": every such node the scores depend on (the reference's first version, e.g. VGG pool5)."""
+    "all": every such node the scores depend on (the reference's first version, e.g. VGG pool5).
+
+    The order is the data flow's (graph_passes._graph.execution_order), never the node listing: the reference
+    hooks modules as they run, and where two branches down-sample to one size (a ResNet block's strided conv
+    and its shortcut conv) `ge_variant=upsample` keeps the one that ran last."""
     g = model.canonical.graph
     infos = tensor_infos(model.canonical)
-    needed = ancestors(g, [model.score_tensor] if scope == "all" else list(tensors))
+    roots = [model.score_tensor] if scope == "all" else list(tensors)
     nodes = []
-    for node in g.node:
+    for node in execution_order(g, roots):
         out = node.output[0]
-        if out not in needed:
-            continue
         info = infos.get(out)
         if info is not None and info.shape is not None and len(info.shape) != 4:
             continue
