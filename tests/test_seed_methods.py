@@ -237,7 +237,8 @@ def _resize_half_pixel(m, size):
     return rows[:, :, x0] * (1 - fx) + rows[:, :, x1] * fx
 
 
-def _ge_reference(coarse, excitations, size, variant="original", combine="sum", first="raw"):
+def _ge_reference(coarse, excitations, size, variant="original", combine="sum", first="raw", norm="zscore-clip",
+                  ddof=0):
     out = []
     for i in range(len(coarse)):
         H = coarse[i][None].astype(np.float64)
@@ -252,7 +253,7 @@ def _ge_reference(coarse, excitations, size, variant="original", combine="sum", 
                 e = np.abs(e)
             H = H * (e.sum(0) if combine == "sum" else e.max(0)) / e.max()
         H = _resize_half_pixel(H, size)[0]
-        z = np.clip((H - H.mean()) / H.std(), -1, 1)
+        z = np.clip((H - H.mean()) / H.std(ddof=ddof), -1, 1) if norm == "zscore-clip" else H
         out.append((z - z.min()) / (z.max() - z.min()))
     return np.array(out)
 
@@ -290,8 +291,13 @@ def test_ge_finds_the_down_sampling_layers_below_the_map(ge_net):
     assert downsampling_excitations(ex.model, ["a1"], scope="all") == ["input", "c1", "p1"]
 
 
-@pytest.mark.parametrize("options", [{}, {"ge_variant": "upsample"}, {"ge_input": "abs"}, {"ge_input": "skip"},
-                                     {"ge_combine": "max"}])
+REFERENCE_SETTINGS = {"ge_excitation": "output", "ge_input": "raw", "ge_normalise": "zscore-clip"}
+
+
+@pytest.mark.parametrize("options", [{}, {"ge_variant": "upsample"}, {"ge_input": "abs"}, {"ge_input": "raw"},
+                                     {"ge_combine": "max"}, {"ge_normalise": "zscore-clip"},
+                                     REFERENCE_SETTINGS, {**REFERENCE_SETTINGS, "ge_input": "skip"},
+                                     {**REFERENCE_SETTINGS, "ge_variant": "upsample"}])
 def test_ge_matches_numpy_reference(ge_net, options):
     ex, x = ge_net
     calls = ex.engine.calls
@@ -299,9 +305,12 @@ def test_ge_matches_numpy_reference(ge_net, options):
     assert ex.engine.calls == calls + 1  # the excitations come out of Grad-CAM's own run
     gradcam = ex.explain(x, method="gradcam", layer="a2")
     np.testing.assert_allclose(r.raw, gradcam.raw, rtol=1e-6)
-    acts = ex.engine.run(x, expose=["c1", "p1"])
-    ref = _ge_reference(gradcam.raw, [x, acts["c1"], acts["p1"]], (16, 16), options.get("ge_variant", "original"),
-                        options.get("ge_combine", "sum"), options.get("ge_input", "raw"))
+    acts = ex.engine.run(x, expose=["c1", "a1", "p1"])
+    # by default the strided conv's excitation is the ReLU after it, and the image (the model input) is skipped
+    stride = acts["c1"] if options.get("ge_excitation") == "output" else acts["a1"]
+    first = options.get("ge_input", "skip")
+    ref = _ge_reference(gradcam.raw, [x, stride, acts["p1"]], (16, 16), options.get("ge_variant", "original"),
+                        options.get("ge_combine", "sum"), first, options.get("ge_normalise", "minmax"))
     assert r.maps.shape == (2, 16, 16) and r.maps.min() >= 0 and r.maps.max() <= 1
     np.testing.assert_allclose(r.maps, ref, atol=2e-4)
     assert r.method == "gradcam+ge" and r.options["base"] == "gradcam"
@@ -381,15 +390,15 @@ def test_canonical_graphs_keep_the_exporters_order_and_ge_runs_in_execution_orde
         onnx.save(_resnet_style(order), tmp_path / "m.onnx")
         ex = Explainer(tmp_path / "m.onnx")
         assert downsampling_excitations(ex.model, ["top_a"]) == expected, order
-        maps[order] = ex.explain(x, method="gradcam+ge", layer="top_a", ge_variant="upsample", ge_scope="layer")
+        maps[order] = ex.explain(x, method="gradcam+ge", layer="top_a", reference="v2")
     gradcam = ex.explain(x, method="gradcam", layer="top_a")
     acts = ex.engine.run(x, expose=expected[1:])
     hooked = [x] + [acts[t] for t in expected[1:]]  # as the reference's forward hooks record them
-    ref = _ge_reference(gradcam.raw, hooked, (32, 32), "upsample")
+    ref = _ge_reference(gradcam.raw, hooked, (32, 32), "upsample", ddof=1)
     for order, r in maps.items():
         np.testing.assert_allclose(r.maps, ref, atol=2e-4, err_msg=order)
     # the test can tell: with conv2 kept instead of the shortcut (the old listing bug) the map differs
-    swapped = _ge_reference(gradcam.raw, [hooked[i] for i in (0, 1, 2, 4, 3, 5)], (32, 32), "upsample")
+    swapped = _ge_reference(gradcam.raw, [hooked[i] for i in (0, 1, 2, 4, 3, 5)], (32, 32), "upsample", ddof=1)
     assert np.abs(swapped - ref).max() > 0.1
 
 
