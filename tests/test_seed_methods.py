@@ -451,6 +451,41 @@ def test_seed_methods_on_shared_models(shared):
     assert time.perf_counter() - start < 60  # generous on a shared 2-core machine; typically about 12 s
 
 
+@pytest.mark.shared
+def test_ge_default_sharpens_gradcam_on_real_photos(shared):
+    """Issue 17 item 6: on EfficientNet-Lite0 the default GE map follows Grad-CAM (positive correlation on every
+    photo, Grad-CAM's pointing game kept), where the reference settings invert it on the dark dog. The
+    numbers behind the choice: benchmarks/ge_defaults.py -> docs/ge_defaults.md."""
+    from onnx_saliency.evaluation import metrics as M
+    from onnx_saliency.evaluation.annotations import load_annotations
+
+    ex = Explainer(shared / "models" / "efficientnet_lite0.onnx", threads=2)
+    photos = [shared / "images" / "darknet" / f for f in ("dog.jpg", "eagle.jpg", "person.jpg")]
+
+    def pearson(a, b):
+        return np.array([np.corrcoef(u.ravel(), v.ravel())[0, 1] for u, v in zip(a, b)])
+
+    gradcam = ex.explain(photos, method="gradcam").maps
+    r = pearson(ex.explain(photos, method="gradcam+ge").maps, gradcam)
+    assert (r > 0.85).all(), r
+    old = pearson(ex.explain(photos, method="gradcam+ge", ge_excitation="output", ge_input="raw",
+                             ge_normalise="zscore-clip").maps, gradcam)
+    assert old[0] < -0.3, old  # the reference settings invert the dog (the test can tell)
+
+    folder = shared / "images" / "imagenet_val"
+    names = sorted(load_annotations(folder / "annotations.json"))[:5]  # the 224x224 copies, fed as they are
+    ann = load_annotations(folder / "annotations.json")
+    pre = ex.preprocessing.with_overrides(resize_mode="none")
+    from onnx_saliency.intake.preprocess import load_image, prepare
+
+    x, _ = prepare([load_image(folder / n) for n in names], pre)
+    targets = [ann[n].classes[0] for n in names]
+    regions = [ann[n].regions(t, (224, 224), pre) for n, t in zip(names, targets)]
+    hits = {m: M.pointing_game(ex.explain(x, method=m, target=targets).maps, regions, 0.0).sum()
+            for m in ("gradcam", "gradcam+ge")}
+    assert hits["gradcam+ge"] >= hits["gradcam"], hits
+
+
 # --- compare ----------------------------------------------------------------------------------------------
 
 def test_compare_writes_one_grid(tmp_path):
