@@ -69,7 +69,7 @@ def _per_output_channel(op: str, w: np.ndarray, scale: np.ndarray, group: int) -
 class _Linear:
     """Forward (modified weights) and transposed application of one Conv/ConvTranspose/Gemm/MatMul layer."""
 
-    def __init__(self, b, node, layer: LinearLayer, analysis: LRPAnalysis):
+    def __init__(self, b, node, layer: LinearLayer, analysis: LRPAnalysis, fuse_tails: bool = True):
         self.b, self.node, self.layer = b, node, layer
         op = node.op_type
         w = b.value(node.input[1]).astype(np.float64)
@@ -106,7 +106,7 @@ class _Linear:
         self.original_weight = None
         if layer.kind == "dense" and not layer.tails and (op == "MatMul" or attrs(node).get("alpha", 1.0) == 1.0):
             self.original_weight = (node.input[1], 0 if op == "Gemm" and attrs(node).get("transB", 0) else 1)
-        if layer.tails:
+        if layer.tails and fuse_tails:
             self.w = _per_output_channel(op, self.w, scale, self.group)
             bias = (np.zeros(channels) if bias is None else bias) * scale + shift
         self.bias = bias
@@ -248,7 +248,7 @@ def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis, su
         out = [None] * len(node.input)
         if R is None or not want[0]:
             return out
-        lin = _Linear(b, node, layer, analysis)
+        lin = _Linear(b, node, layer, analysis, fuse_tails=rule.tails != "pass")
         x = node.input[0]
         nonneg = x in analysis.nonneg
         y = layer.out

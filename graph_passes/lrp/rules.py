@@ -35,6 +35,10 @@ class LRPRule:
     gamma: float = 0.0
     low: tuple | None = None
     high: tuple | None = None
+    # "fuse": a layer's affine tail (BatchNorm, bias Add) is part of its weights and bias, as zennit's canonizers;
+    # "pass": the rule sees the layer's own weights and bias and the tail passes relevance unchanged (the
+    # Relevance-CAM reference code's BatchNorm2d.relprop)
+    tails: str = "fuse"
 
     def describe(self) -> str:
         extra = []
