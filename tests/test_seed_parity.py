@@ -319,3 +319,120 @@ def test_ge_reference_equals_the_authors_code(nets, net, version):
         f = folded.explain(x.numpy(), method="gradcam+ge", layer=node_output(folded, "/layer4/", "Relu"),
                            target=5, reference=f"v{version}")
         assert pearson(f.maps, ref) < PEARSON
+
+
+# --- TSGB: explainer/RGBP_cbp/rgbp.py + functionsGBP.py (the code 'TSGB' runs) --------------------------------
+
+class _TsgbConv(torch.autograd.Function):
+    """WoneConv2dG with the "slim" backward: channel sums over all channels whatever the groups."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.geometry = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, bias = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        kh, kw = weight.shape[2:]
+        ones = torch.ones(1, 1, kh, kw, dtype=x.dtype)
+        z = F.conv2d(x.abs().sum(1, keepdim=True), ones, None, stride, padding, dilation)
+        s = (g * y).sum(1, keepdim=True) / (z + 1e-10)
+        pad = [x.shape[2 + i] - ((g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k - 1) + 1)
+               for i, k in enumerate((kh, kw))]
+        spread = F.conv_transpose2d(s, ones, None, stride, padding, tuple(pad), 1, dilation)
+        return spread.repeat(1, x.shape[1], 1, 1) * x.sign(), None, None, None, None, None, None
+
+
+class _TsgbBN(torch.autograd.Function):
+    """LRPBNG: g * BN(x) / (x + 1e-10)."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps):
+        ctx.save_for_backward(x, mean, var, weight, bias)
+        ctx.eps = eps
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mean, var, weight, bias = ctx.saved_tensors
+        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, ctx.eps)
+        return g * y / (x + 1e-10), None, None, None, None, None
+
+
+class _TsgbLinear(torch.autograd.Function):
+    """CLinearG on the classifier: g (W+ + beta W-), beta = x W+^T / |x W-^T|."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        beta = (x @ wp.t()) / (x @ wn.t()).abs()
+        return g @ wp + (g * beta) @ wn, None, None
+
+
+def tsgb_reference(model, x, target):
+    import copy
+    import types
+
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if type(mod) is nn.Conv2d:
+            mod.forward = types.MethodType(lambda self, t: _TsgbConv.apply(
+                t, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups), mod)
+        elif type(mod) is nn.BatchNorm2d:
+            mod.forward = types.MethodType(lambda self, t: _TsgbBN.apply(
+                t, self.running_mean, self.running_var, self.weight, self.bias, self.eps), mod)
+    last = list(m.children())[-1]
+    last = last[-1] if isinstance(last, nn.Sequential) else last
+    last.forward = types.MethodType(lambda self, t: _TsgbLinear.apply(t, self.weight, self.bias), last)
+    x = x.clone().requires_grad_()
+    out = m(x)
+    seed = torch.zeros_like(out)
+    seed[:, target] = 1.0
+    out.backward(seed)
+    return (x.grad * x).sum(1).detach().numpy()
+
+
+def mobilenet_v2(classes: int = 10):
+    torch.manual_seed(0)
+    m = torchvision.models.mobilenet_v2(num_classes=classes)
+    signed_bn(m, 3)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def mobilenet(tmp_path_factory):
+    model = mobilenet_v2()
+    return model, Explainer(export(model, tmp_path_factory.mktemp("mnv2") / "mnv2.onnx", 64), threads=2)
+
+
+@pytest.mark.slow
+def test_tsgb_reference_equals_the_authors_code_on_mobilenet_v2(mobilenet, nets):
+    """Depthwise convs: the reference's slim backward ignores the groups; reference=true does too."""
+    model, ex = mobilenet
+    x = nets[1]
+    ref = tsgb_reference(model, x, 2)
+    r = ex.explain(x.numpy(), method="tsgb", target=2, reference="true")
+    assert pearson(r.maps, ref) >= PEARSON, pearson(r.maps, ref)
+    assert r.options["reference"] == "true" and any("grouped" in n for n in r.notes)
+    default = ex.explain(x.numpy(), method="tsgb", target=2)
+    assert pearson(default.maps, ref) < PEARSON  # per-group redistribution: the documented difference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("net", ["resnet50", "vgg16_bn"])
+def test_tsgb_equals_the_authors_code_without_grouped_convs(nets, net):
+    (model, ex), x = nets[0][net], nets[1]
+    ref = tsgb_reference(model, x, 6)
+    for reference in ("false", "true"):  # no grouped convs: the same graph either way
+        r = ex.explain(x.numpy(), method="tsgb", target=6, reference=reference)
+        assert pearson(r.maps, ref) >= PEARSON, (reference, pearson(r.maps, ref))
