@@ -436,3 +436,107 @@ def test_tsgb_equals_the_authors_code_without_grouped_convs(nets, net):
     for reference in ("false", "true"):  # no grouped convs: the same graph either way
         r = ex.explain(x.numpy(), method="tsgb", target=6, reference=reference)
         assert pearson(r.maps, ref) >= PEARSON, (reference, pearson(r.maps, ref))
+
+
+# --- SR map, step A: "Imagenet_Alex vs VGG16.ipynb" relprop ----------------------------------------------------
+
+def sr_relevance(model, x, target):
+    """The notebook's rules: logit of the target at the output; Linear z+ without bias (+1e-9); ReLU and (here) LRN
+    pass; MaxPool x * max_unpool2d(R / (y + 1e-9)) (overlapping windows that share an argmax: the last write
+    wins); Conv LRP-0, x * conv_transpose(R / (y + 1e-9)) with y including the bias. (output_size is passed to
+    max_unpool2d so that pools whose input the default size formula misses, at small inputs, work.)"""
+    rec = Recorder(model)
+    with torch.no_grad():
+        logits = model(x)
+    rec.close()
+    R = torch.zeros_like(logits)
+    R[:, target] = logits[:, target]
+    with torch.no_grad():
+        for m in reversed(list(model.classifier)):
+            if isinstance(m, nn.Linear):
+                V = m.weight.clamp(min=0)
+                X = rec.inp[m]
+                R = X * ((R / (X @ V.t() + 1e-9)) @ V)
+        R = R.reshape(rec.out[model.features].shape)
+        for m in reversed(list(model.features)):
+            X, Y = rec.inp[m], rec.out[m]
+            if isinstance(m, nn.MaxPool2d):
+                _, idx = F.max_pool2d(X, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
+                R = X * F.max_unpool2d(R / (Y + 1e-9), idx, m.kernel_size, m.stride, m.padding, output_size=X.shape)
+            elif isinstance(m, nn.Conv2d):
+                pad = [X.shape[2 + i] - ((Y.shape[2 + i] - 1) * m.stride[i] - 2 * m.padding[i] + m.kernel_size[i])
+                       for i in range(2)]
+                R = X * F.conv_transpose2d(R / (Y + 1e-9), m.weight, None, m.stride, m.padding, tuple(pad), m.groups)
+    return R.numpy()
+
+
+class _LRNFunction(torch.autograd.Function):
+    """torch's LocalResponseNorm, exported as one ONNX LRN node (as Caffe AlexNet in the ONNX model zoo has it;
+    the torch exporters would write its decomposition)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return F.local_response_norm(x, 5, 1e-4, 0.75, 1.0)
+
+    @staticmethod
+    def symbolic(g, x):
+        return g.op("LRN", x, size_i=5, alpha_f=1e-4, beta_f=0.75, bias_f=1.0)
+
+
+class LRN(nn.Module):
+    def forward(self, x):
+        return _LRNFunction.apply(x)
+
+
+def small_alexnet(caffe: bool, classes: int = 10):
+    """torchvision AlexNet's feature stack, or the Caffe/paper one (96-256-384-384-256 with LRN after conv1 and
+    conv2 and two-group conv2/4/5), with a small head for 112 px inputs (pool5 is 2x2)."""
+    torch.manual_seed(0)
+    if caffe:
+        features = nn.Sequential(
+            nn.Conv2d(3, 96, 11, 4, 2), nn.ReLU(), LRN(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(96, 256, 5, 1, 2, groups=2), nn.ReLU(), LRN(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(256, 384, 3, 1, 1), nn.ReLU(), nn.Conv2d(384, 384, 3, 1, 1, groups=2), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, 1, 1, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2))
+    else:
+        features = torchvision.models.alexnet().features
+    m = nn.Module()
+    m.features, m.avgpool = features, nn.Flatten()
+    m.classifier = nn.Sequential(nn.Dropout(), nn.Linear(256 * 4, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 64),
+                                 nn.ReLU(), nn.Linear(64, classes))
+    m.forward = lambda x: m.classifier(m.avgpool(m.features(x)))
+    for conv in [c for c in m.modules() if isinstance(c, nn.Conv2d)]:
+        nn.init.normal_(conv.bias, 0.0, 0.05)  # biases of both signs in z
+    return m.eval()
+
+
+class _Net(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.features, self.avgpool, self.classifier = inner.features, inner.avgpool, inner.classifier
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("caffe", [False, True], ids=["torchvision-alexnet", "caffe-alexnet-lrn"])
+def test_sr_map_reference_equals_the_notebook_on_alexnet(tmp_path, caffe):
+    from onnx_saliency.methods.sr_map import heatmap_image
+
+    model = _Net(small_alexnet(caffe)).eval()
+    ex = Explainer(export(model, tmp_path / "alexnet.onnx", 112), threads=2)
+    assert any(n.op_type == "LRN" for n in ex.model.canonical.graph.node) == caffe
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 3, 112, 112)).astype(np.float32))
+    target = 3
+    ref = sr_relevance(model, x.clone(), target)
+    r = ex.explain(x.numpy(), method="sr-map", target=target, reference="true", ca_resolution=48)
+    assert pearson(r.attributions, ref) >= PEARSON, pearson(r.attributions, ref)
+    image = np.abs(ref[0]).transpose(1, 2, 0)
+    image = (255 * (image - image.min()) / (image.max() - image.min())).astype(np.uint8)  # the notebook's cast
+    ours = heatmap_image(r.attributions[0], truncate=True)
+    assert np.mean(ours == image) > 0.999 and np.abs(ours.astype(int) - image).max() <= 1
+    assert r.options["reference"] == "true" and any("max_unpool2d" in n for n in r.notes)
+    # the default adds where windows share an argmax (conserving): on overlapping pools that is a difference
+    default = ex.explain(x.numpy(), method="sr-map", target=target, ca_resolution=48, ca_grid=16)
+    assert pearson(default.attributions, ref) < PEARSON

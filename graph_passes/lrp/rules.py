@@ -125,6 +125,13 @@ def WinnerTakeAll() -> LRPRule:
     return LRPRule("wta", kind="gradient")
 
 
+def UnpoolOverwrite() -> LRPRule:
+    """MaxPool as the SR-map reference notebook routes relevance: torch's max_unpool2d, which writes each window's
+    relevance at its argmax, so where overlapping windows share an argmax the last window (row-major) overwrites
+    the others instead of adding to them. Not conserving; only for reproducing that code."""
+    return LRPRule("wta-overwrite", kind="unpool-overwrite")
+
+
 def Proportional(stabilizer: float = 1e-6) -> LRPRule:
     """MaxPool alternative: split each window's relevance in proportion to its inputs."""
     return LRPRule("proportional", kind="proportional", eps=stabilizer)
@@ -147,6 +154,7 @@ RULE_FACTORIES = {
     "wsquare": lambda p: WSquare(p.get("stabilizer", 1e-6)), "w2": lambda p: WSquare(p.get("stabilizer", 1e-6)),
     "pass": lambda p: Pass(), "norm": lambda p: Norm(p.get("stabilizer", 1e-6)),
     "gradient": lambda p: Gradient(), "wta": lambda p: WinnerTakeAll(),
+    "wta-overwrite": lambda p: UnpoolOverwrite(),
     "proportional": lambda p: Proportional(p.get("stabilizer", 1e-6)), "gate": lambda p: Gate(),
 }
 
