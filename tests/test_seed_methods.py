@@ -182,6 +182,11 @@ def test_guidance_cam_sidecar_says_formula_is_provisional(net):
 
 # --- contrastive excitation backprop (spec section 6) -----------------------------------------------------
 
+def test_guidance_cam_refuses_a_reference_mode(net):
+    with pytest.raises(SaliencyError, match="no reference code"):
+        net["ex"].explain(net["x"], method="guidance-cam", layer="a2", reference="true")
+
+
 def _cmwp_reference(net, targets, layer):
     """TorchRay c-MWP: EB of the target minus EB of the negated classifier, no biases, maps ReLU(sum_c)."""
     p, gap, a1, a2, c2 = net["p"], net["gap"], net["a1"], net["a2"], net["c2"]
