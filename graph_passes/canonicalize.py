@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper, version_converter
 
 from ._graph import (MIN_IR, MIN_OPSET, GraphPassError, attrs, checked, clone, consumers, graph_inputs, infer,
-                     initializers, opset_of, producers, tensor_infos, unique_node_names)
+                     initializers, is_topological, opset_of, producers, tensor_infos, unique_node_names)
 from .fuse_affine import fuse_affine as fuse_affine_pass
 from .precision import to_float32
 from .shape_probe import probe_shapes
@@ -129,7 +129,7 @@ def _fold_constants(m: onnx.ModelProto, report: CanonicalizeReport) -> onnx.Mode
     graph = gs.import_onnx(infer(proto, inplace=True))
     before = {n.name or id(n): n.op for n in graph.nodes}
     try:
-        graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+        graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False)
     except Exception as err:  # folding is an optimisation: a failure must not block the explanation
         report.removed.append(f"(constant folding skipped: {str(err).splitlines()[0]})")
         return m
@@ -137,6 +137,10 @@ def _fold_constants(m: onnx.ModelProto, report: CanonicalizeReport) -> onnx.Mode
     report.removed += [f"{op} {str(name).removesuffix(_NODE_SUFFIX)} (constant)" for name, op in before.items()
                        if name not in after]
     out = gs.export_onnx(graph, do_type_check=False)
+    if not is_topological(out.graph):
+        # only a listing that is not topological is re-sorted: a fresh sort would reorder parallel branches
+        # (a ResNet shortcut conv ahead of its block's convs) against the order the exporter ran them in
+        out = gs.export_onnx(gs.import_onnx(out).toposort(), do_type_check=False)
     for node in out.graph.node:
         node.name = node.name.removesuffix(_NODE_SUFFIX)
     out.ir_version = max(m.ir_version, MIN_IR)

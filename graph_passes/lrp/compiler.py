@@ -69,7 +69,7 @@ def _per_output_channel(op: str, w: np.ndarray, scale: np.ndarray, group: int) -
 class _Linear:
     """Forward (modified weights) and transposed application of one Conv/ConvTranspose/Gemm/MatMul layer."""
 
-    def __init__(self, b, node, layer: LinearLayer, analysis: LRPAnalysis):
+    def __init__(self, b, node, layer: LinearLayer, analysis: LRPAnalysis, fuse_tails: bool = True):
         self.b, self.node, self.layer = b, node, layer
         op = node.op_type
         w = b.value(node.input[1]).astype(np.float64)
@@ -106,7 +106,7 @@ class _Linear:
         self.original_weight = None
         if layer.kind == "dense" and not layer.tails and (op == "MatMul" or attrs(node).get("alpha", 1.0) == 1.0):
             self.original_weight = (node.input[1], 0 if op == "Gemm" and attrs(node).get("transB", 0) else 1)
-        if layer.tails:
+        if layer.tails and fuse_tails:
             self.w = _per_output_channel(op, self.w, scale, self.group)
             bias = (np.zeros(channels) if bias is None else bias) * scale + shift
         self.bias = bias
@@ -248,7 +248,7 @@ def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis, su
         out = [None] * len(node.input)
         if R is None or not want[0]:
             return out
-        lin = _Linear(b, node, layer, analysis)
+        lin = _Linear(b, node, layer, analysis, fuse_tails=rule.tails != "pass")
         x = node.input[0]
         nonneg = x in analysis.nonneg
         y = layer.out
@@ -366,6 +366,29 @@ def _compile_proportional(rule: LRPRule):
     return emit
 
 
+def _compile_unpool_overwrite(b, node, gy, want):
+    """R_in = R of the last window (in row-major pooled order) whose argmax is this input, else 0: the pooled
+    flat index of every window is scattered to its argmax with reduction max, then R is gathered there."""
+    if attrs(node).get("storage_order", 0) != 0:
+        raise GraphPassError(f"{node.name} (MaxPool): storage_order=1 is not supported")
+    if len(node.output) < 2 or not node.output[1]:
+        idx = b.fresh("argmax")
+        if len(node.output) < 2:
+            node.output.append(idx)
+        else:
+            node.output[1] = idx
+    x, idx = node.input[0], node.output[1]
+    flat = b.const([-1], np.int64)
+    r_flat = b.add("Reshape", [gy[0], flat])
+    order = b.add("Range", [b.const(0, np.int64), b.add("Size", [r_flat]), b.const(1, np.int64)])
+    size = b.add("Reshape", [b.add("Size", [x]), b.const([1], np.int64)])
+    none = b.add("ConstantOfShape", [size], value=numpy_helper.from_array(np.full(1, -1, np.int64)))
+    winner = b.add("ScatterElements", [none, b.add("Reshape", [idx, flat]), order], axis=0, reduction="max")
+    picked = b.add("Gather", [r_flat, b.add("Max", [winner, b.const(0, np.int64)])], axis=0)
+    routed = b.add("Where", [b.add("Less", [winner, b.const(0, np.int64)]), b.const(0.0), picked])
+    return [b.add("Reshape", [routed, b.add("Shape", [x])])] + [None] * (len(node.input) - 1)
+
+
 def _compile_gate(signal: int):
     def emit(b, node, gy, want):
         out = [None] * len(node.input)
@@ -464,6 +487,8 @@ def rule_reason(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> s
         return "proportional (z-rule) through the op's linear map"
     if rule.kind == "gate":
         return "the gate is held fixed: all relevance to the signal"
+    if rule.kind == "unpool-overwrite":
+        return "winner-take-all, overlapping windows overwrite (max_unpool2d)"
     return "proportional within each window"
 
 
@@ -476,6 +501,7 @@ def check_rule(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> No
                  or (op == "BatchNormalization" and node.name not in analysis.tail_of)),
         "gradient": op in _gradient_ops(),
         "proportional": op == "MaxPool",
+        "unpool-overwrite": op == "MaxPool",
         "gate": op == "Mul" and node.name in analysis.gates,
     }[rule.kind]
     if not ok:
@@ -503,6 +529,8 @@ def compile_rules(rules: Mapping[str, LRPRule], analysis: LRPAnalysis, start: st
             out[name] = vjp_rules.PLAIN[node.op_type]
         elif rule.kind == "proportional":
             out[name] = _compile_proportional(rule)
+        elif rule.kind == "unpool-overwrite":
+            out[name] = _compile_unpool_overwrite
         elif rule.kind == "gate":
             out[name] = _compile_gate(analysis.gates[name])
     return out

@@ -35,6 +35,10 @@ class LRPRule:
     gamma: float = 0.0
     low: tuple | None = None
     high: tuple | None = None
+    # "fuse": a layer's affine tail (BatchNorm, bias Add) is part of its weights and bias, as zennit's canonizers;
+    # "pass": the rule sees the layer's own weights and bias and the tail passes relevance unchanged (the
+    # Relevance-CAM reference code's BatchNorm2d.relprop)
+    tails: str = "fuse"
 
     def describe(self) -> str:
         extra = []
@@ -121,6 +125,13 @@ def WinnerTakeAll() -> LRPRule:
     return LRPRule("wta", kind="gradient")
 
 
+def UnpoolOverwrite() -> LRPRule:
+    """MaxPool as the SR-map reference notebook routes relevance: torch's max_unpool2d, which writes each window's
+    relevance at its argmax, so where overlapping windows share an argmax the last window (row-major) overwrites
+    the others instead of adding to them. Not conserving; only for reproducing that code."""
+    return LRPRule("wta-overwrite", kind="unpool-overwrite")
+
+
 def Proportional(stabilizer: float = 1e-6) -> LRPRule:
     """MaxPool alternative: split each window's relevance in proportion to its inputs."""
     return LRPRule("proportional", kind="proportional", eps=stabilizer)
@@ -143,6 +154,7 @@ RULE_FACTORIES = {
     "wsquare": lambda p: WSquare(p.get("stabilizer", 1e-6)), "w2": lambda p: WSquare(p.get("stabilizer", 1e-6)),
     "pass": lambda p: Pass(), "norm": lambda p: Norm(p.get("stabilizer", 1e-6)),
     "gradient": lambda p: Gradient(), "wta": lambda p: WinnerTakeAll(),
+    "wta-overwrite": lambda p: UnpoolOverwrite(),
     "proportional": lambda p: Proportional(p.get("stabilizer", 1e-6)), "gate": lambda p: Gate(),
 }
 
