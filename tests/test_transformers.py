@@ -158,3 +158,115 @@ def test_cams_on_token_maps_match_pytorch_grad_cam(exported, name, exporter, met
     assert r.maps.shape == ref.shape and all(m.std() > 0 for m in ref)
     p, d = [_pearson(o, q) for o, q in zip(r.maps, ref)], float(np.abs(r.maps - ref).max())
     assert min(p) >= CAM_PEARSON and d <= CAM_MAX_ABS, (p, d)
+
+
+# --- attention rollout ---------------------------------------------------------------------------------------
+# Our own torch references, written from the papers: Abnar & Zuidema 2020 (rollout: (A + I) / 2, rows
+# renormalised, product over blocks; head fusion and discard as in common implementations) and Chefer, Gur &
+# Wolf 2021 (R = I; R += mean_h((grad * A)^+) @ R). The attention probabilities come from torch itself:
+# each block's nn.MultiheadAttention is called with need_weights=True, average_attn_weights=False.
+
+def _torch_attentions(model, x, target=None):
+    """Per-block (N, H, T, T) attention probabilities (and, with `target`, the gradients of the target scores
+    with respect to them): each block's nn.MultiheadAttention computed by hand from its own weights, so the
+    probabilities are the tensor the output is computed from (torch's need_weights copy is off that path)."""
+    store, saved = [], []
+    for layer in model.encoder.layers:
+        mha = layer.self_attention
+        saved.append((mha, mha.forward))
+
+        def forward(q, k, v, need_weights=False, _m=mha, **kw):
+            n, t, c = q.shape
+            h = _m.num_heads
+            qkv = torch.nn.functional.linear(q, _m.in_proj_weight, _m.in_proj_bias)
+            qq, kk, vv = (z.reshape(n, t, h, c // h).transpose(1, 2) for z in qkv.chunk(3, -1))
+            a = torch.softmax(qq @ kk.transpose(-1, -2) / (c // h) ** 0.5, -1)
+            if a.requires_grad:
+                a.retain_grad()
+            store.append(a)
+            return _m.out_proj((a @ vv).transpose(1, 2).reshape(n, t, c)), None
+        mha.forward = forward
+    try:
+        xt = torch.from_numpy(x)
+        if target is None:
+            with torch.no_grad():
+                out = model(xt)
+        else:
+            out = model(xt)
+            out[torch.arange(len(x)), torch.as_tensor(target)].sum().backward()
+        with torch.no_grad():
+            for mha, fwd in saved:
+                mha.forward = fwd
+            assert torch.allclose(out, model(xt), atol=1e-5), "the hand-written attention is not torch's"
+        return [a.detach() for a in store], None if target is None else [a.grad for a in store]
+    finally:
+        for mha, fwd in saved:
+            mha.forward = fwd
+
+
+def torch_rollout(attentions, head_fusion="mean", discard_ratio=0.0):
+    n, _, t, _ = attentions[0].shape
+    eye = torch.eye(t, dtype=torch.float64)
+    result = eye.expand(n, t, t)
+    for a in attentions:
+        a = a.double()
+        fused = {"mean": lambda: a.mean(1), "max": lambda: a.amax(1), "min": lambda: a.amin(1)}[head_fusion]()
+        if discard_ratio:
+            flat = fused.reshape(n, -1).clone()
+            for i in range(n):
+                _, low = flat[i].topk(int(flat.shape[1] * discard_ratio), largest=False)
+                flat[i, low[low != 0]] = 0
+            fused = flat.reshape(n, t, t)
+        step = (fused + eye) / 2
+        result = (step / step.sum(-1, keepdim=True)) @ result
+    return result[:, 0, 1:].reshape(n, SIZE // 4, SIZE // 4).numpy()
+
+
+def torch_gradient_rollout(attentions, gradients):
+    n, _, t, _ = attentions[0].shape
+    result = torch.eye(t, dtype=torch.float64).expand(n, t, t)
+    for a, g in zip(attentions, gradients):
+        cam = (g.double() * a.double()).clamp(min=0).mean(1)
+        result = result + cam @ result
+    return result[:, 0, 1:].reshape(n, SIZE // 4, SIZE // 4).numpy()
+
+
+def _close(ours, ref, what):
+    err = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    assert err <= 1e-4 and min(_pearson(o, r) for o, r in zip(ours, ref)) >= 0.9999, (what, err)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_rollout_matches_the_published_algorithm(exported, exporter):
+    b = exported("vit", exporter)
+    attentions, _ = _torch_attentions(b.model, b.x)
+    assert len(attentions) == 2 and attentions[0].shape == (2, 2, 65, 65)
+    for options in ({}, {"head_fusion": "max"}, {"head_fusion": "min", "discard_ratio": 0.5}):
+        r = b.ex.explain(b.x, method="rollout", target=b.targets, **options)
+        ref = torch_rollout(attentions, **options)
+        _close(r.raw, ref, options)
+        assert r.maps.shape == (2, SIZE, SIZE) and all(np.ptp(m) > 0 for m in r.maps)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_gradient_rollout_matches_chefer_et_al(exported, exporter):
+    b = exported("vit", exporter)
+    attentions, gradients = _torch_attentions(b.model, b.x, b.targets)
+    r = b.ex.explain(b.x, method="gradient-rollout", target=b.targets)
+    assert r.targets.tolist() == b.targets
+    ref = torch_gradient_rollout(attentions, gradients)
+    assert all(np.ptp(m) > 0 for m in ref), "a constant reference proves nothing"
+    _close(r.raw, ref, "gradient-rollout")
+    other = b.ex.explain(b.x, method="gradient-rollout", target=[b.targets[1], b.targets[0]]).raw
+    assert not np.allclose(other, r.raw), "class-specific: another target gives another map"
+
+
+def test_rollout_refuses_windowed_attention_and_cnns(exported):
+    from onnx_saliency.errors import SaliencyError
+
+    b = exported("swin", "legacy")
+    with pytest.raises(SaliencyError, match="windowed attention"):
+        b.ex.explain(b.x, method="rollout")
+    v = exported("vit", "legacy")
+    with pytest.raises(SaliencyError, match="head_fusion"):
+        v.ex.explain(v.x, method="rollout", head_fusion="median")

@@ -265,3 +265,49 @@ def resolve_layer(model: LoadedModel, spec: str | None) -> str:
         return found
     raise SaliencyError(f"--layer {spec!r}: no such tensor, node or module in {model.path.name} "
                         f"(see `onnx-saliency layers {model.path}`)")
+
+
+@dataclass(frozen=True)
+class Attention:
+    """The attention probabilities of a transformer, block by block: Softmax outputs shaped (..., T, T) over the
+    whole token sequence (prefix tokens + an h x w patch grid)."""
+
+    tensors: tuple  # Softmax outputs in graph (= block) order
+    tokens: int
+    prefix: int
+    grid: tuple
+
+
+def attention_probabilities(model: LoadedModel) -> Attention:
+    """Find the global self-attention Softmax outputs the scores depend on. Raises SaliencyError naming what was
+    found when there are none, or when attention is not over one token sequence with a patch grid (Swin's
+    windowed attention: rollout would need the window partition and shifts undone block by block)."""
+    g = model.canonical.graph
+    infos = tensor_infos(model.canonical)
+    needed = ancestors(g, [model.score_tensor])
+    softmaxes = [n for n in g.node if n.op_type == "Softmax" and n.output[0] in needed
+                 and n.output[0] != model.score_tensor]
+    if not softmaxes:
+        raise SaliencyError(f"{model.path.name}: no attention Softmax before the class scores; attention methods "
+                            "apply to transformers (ViT, DeiT, ...)")
+    found, shapes = [], set()
+    for n in softmaxes:
+        info = infos.get(n.output[0])
+        shape = None if info is None else info.shape
+        if shape is None or len(shape) < 3 or shape[-1] is None or shape[-1] != shape[-2] \
+                or attrs(n).get("axis", -1) not in (-1, len(shape) - 1):
+            raise SaliencyError(f"{model.path.name}: Softmax node {n.name!r} has output shape {shape}; attention "
+                                "methods need (..., T, T) attention probabilities over the last axis")
+        found.append(n.output[0])
+        shapes.add(shape[-1])
+    if len(shapes) != 1:
+        raise SaliencyError(f"{model.path.name}: attention over token counts {sorted(shapes)}; attention rollout "
+                            "needs every block to attend over the same tokens (hierarchical or windowed "
+                            "transformers such as Swin are not supported: use gradcam or lrp)")
+    tokens = shapes.pop()
+    grid = _patch_grid(g, found[0], tokens, infos, producers(g))
+    if grid is None:
+        raise SaliencyError(f"{model.path.name}: attention over {tokens} tokens is not a patch grid plus prefix "
+                            "tokens (windowed attention, as in Swin, is not supported by attention rollout: use "
+                            "gradcam or lrp)")
+    return Attention(tuple(found), tokens, grid[0], grid[1])
