@@ -68,6 +68,7 @@ def gradient_rollout(attentions: list, gradients: list) -> np.ndarray:
 
 class _AttentionMethod(Method):
     uses_layer = False
+    explains_at = "attn"  # `onnx-saliency methods`: the attention blocks, neither a layer nor the pixels
     uses_gradients = False
 
     def relevance(self, attn: Attention, out: dict, req: Request) -> np.ndarray:  # pragma: no cover
