@@ -234,3 +234,55 @@ def test_cp_lrp_and_attnlrp_differ_and_lxt_patches_are_undone(exported):
     attn = b.ex.explain(b.x, method="lrp", composite="attnlrp", target=b.targets).attributions
     assert min(np.corrcoef(c.ravel(), a.ravel())[0, 1] for c, a in zip(cp, attn)) < 0.9999
     assert "original_forward" not in nn.MultiheadAttention.__dict__ and nn.LayerNorm.forward.__module__.startswith("torch")
+
+
+@pytest.mark.parametrize("variant", ["cp-lrp", "attnlrp"])
+def test_embedding_absorption_matches_lxt(exported, variant):
+    """What the class + distillation tokens and the position embedding absorb equals, in LXT's Gradient x Input
+    framework, parameter x its gradient summed (the relevance LXT leaves on those parameters)."""
+    from onnx_saliency.lrp.blocks import conservation, token_stream
+
+    b = exported("deit_small", "legacy")
+    m = b.model
+    xt = torch.from_numpy(b.x).requires_grad_(True)
+    m.zero_grad()
+    with lxt_patched(variant):
+        y = m(xt)
+        picked = y[torch.arange(len(b.x)), torch.as_tensor(b.targets)]
+        picked.sum().backward()
+    start = picked.detach().numpy().astype(np.float64)
+    # one batch, so the parameters' gradients are summed over both images: compare the batch totals
+    with torch.no_grad():
+        prefix_ref = float((m.class_token * m.class_token.grad).sum() + (m.dist_token * m.dist_token.grad).sum())
+        pos_ref = float((m.encoder.pos_embedding * m.encoder.pos_embedding.grad).sum())
+    ts = token_stream(b.ex.model.canonical, b.ex.model.score_tensor)
+    assert ts is not None and ts.tokens and ts.patches and ts.embedded and len(ts.stream) == 4
+    out = lrp.relevance_at(b.ex.engine, b.x, b.targets, composite=variant, at=[b.ex.model.input_name] + ts.tensors())
+    c = conservation(ts, out["relevance"], out["start"])
+    np.testing.assert_allclose(out["start"], start, rtol=1e-5)
+    assert abs(prefix_ref) > 1e-3 * start.sum() and abs(pos_ref) > 1e-3 * start.sum(), (prefix_ref, pos_ref)
+    np.testing.assert_allclose((c["prefix"] * start).sum(), prefix_ref, rtol=1e-2)
+    np.testing.assert_allclose((c["position"] * start).sum(), pos_ref, rtol=1e-2)
+    assert c["blocks"].shape == (2, 2) and np.isfinite(c["blocks"]).all()
+    notes = b.ex.explain(b.x, method="lrp", composite=variant, target=b.targets).notes
+    assert any(n.startswith("block 1: R(in) / R(out) = ") for n in notes)
+    assert any(n.startswith("prefix tokens (class/distillation) absorb ") for n in notes)
+
+
+def test_rules_command_prints_block_conservation(exported, tmp_path):
+    import cv2
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    b = exported("deit_small", "dynamo")
+    img = tmp_path / "img.png"
+    cv2.imwrite(str(img), (np.random.default_rng(1).uniform(0, 255, (40, 48, 3))).astype(np.uint8))
+    res = CliRunner().invoke(main, ["rules", str(b.path), "--composite", "attnlrp", "--image", str(img)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert "nodes without a rule: none" in lines
+    assert any(line.startswith("block 1: R(in) / R(out) = ") for line in lines)
+    assert any(line.startswith("position embedding absorbs ") for line in lines)
+    bad = CliRunner().invoke(main, ["rules", str(b.path), "--image", str(tmp_path / "missing.png")])
+    assert bad.exit_code != 0 and bad.output.count("\n") <= 1 and "error:" in bad.output

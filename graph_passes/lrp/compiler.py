@@ -497,7 +497,7 @@ def rule_reason(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> s
         return "linear layer: the composite's layer rule"
     if rule.kind == "pass":
         if op in NORMALISERS:
-            return "identity: a normaliser keeps the relevance, as LXT"
+            return "identity: a normaliser passes its relevance on (attnlrp: fixed-normaliser, as LXT)"
         if op == "Div":
             return "identity: the divisor is held fixed"
         return "identity: pointwise nonlinearity"

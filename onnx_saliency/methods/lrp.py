@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import lrp as L
+from ..lrp.blocks import conservation_lines, token_stream
 from . import register
 from .base import Method, Request, Result
 
@@ -21,22 +22,27 @@ class LRP(Method):
     default_composite = "epsilon-plus-flat"
     default_init = "logit"
 
-    def relevance(self, req: Request) -> dict:
+    def relevance(self, req: Request, at=()) -> dict:
         low, high = req.options.get("low"), req.options.get("high")
         comp = L.resolve_composite(req.engine, req.option("composite", self.default_composite),
                                    req.options.get("rule_map"), low, high)
-        return L.relevance_at(req.engine, req.x, req.targets, composite=comp,
-                              init=req.option("init", self.default_init), batch_size=req.batch_size)
+        return L.relevance_at(req.engine, req.x, req.targets, composite=comp, at=(req.engine.model.input_name,) +
+                              tuple(at), init=req.option("init", self.default_init), batch_size=req.batch_size)
 
     def to_map(self, rel: np.ndarray) -> np.ndarray:
         return rel.sum(axis=1)
 
     def explain(self, req: Request) -> Result:
-        out = self.relevance(req)
-        rel = out["relevance"][req.engine.model.input_name].astype(np.float32)
+        model = req.engine.model
+        # transformers: relevance also on the residual stream, for per-block conservation and the embeddings' share
+        stream = token_stream(model.canonical, model.score_tensor)
+        out = self.relevance(req, stream.tensors() if stream else ())
+        rel = out["relevance"][model.input_name].astype(np.float32)
         notes = [f"composite {out['composite']}, init {req.option('init', self.default_init)}",
                  "conservation: sum R(input) / start = " + ", ".join(
                      f"{s:.4g}" for s in rel.reshape(len(rel), -1).sum(1) / np.where(out["start"] == 0, 1, out["start"]))]
+        if stream:
+            notes += conservation_lines(stream, out["relevance"], out["start"])
         return Result(self.name, self.to_map(rel).astype(np.float32), out["targets"], out["target_score"],
                       attributions=rel, signed=self.signed, options={"composite": out["composite"],
                                                                      "init": req.option("init", self.default_init)},
