@@ -270,3 +270,24 @@ def test_rollout_refuses_windowed_attention_and_cnns(exported):
     v = exported("vit", "legacy")
     with pytest.raises(SaliencyError, match="head_fusion"):
         v.ex.explain(v.x, method="rollout", head_fusion="median")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cnn_structure_methods_refuse_transformers(exported, name, tmp_path):
+    """TSGB, the SR map and Gradual Extrapolation are defined on a CNN's spatial down-sampling chain: on a ViT or
+    Swin they refuse before running, naming the method, the file and what they need; the CLI prints `error:`."""
+    import cv2
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from onnx_saliency.errors import SaliencyError
+
+    b = exported(name, "legacy")
+    for method in ("tsgb", "sr-map", "gradual-extrapolation", "gradcam+ge"):
+        with pytest.raises(SaliencyError, match=r"is a transformer \(attention Softmax nodes\); .*down-sampling"):
+            b.ex.explain(b.x, method=method)
+    img = tmp_path / "img.png"
+    cv2.imwrite(str(img), np.full((32, 32, 3), 128, np.uint8))
+    res = CliRunner().invoke(main, ["explain", str(b.path), str(img), "-m", "tsgb", "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code != 0 and res.output.startswith("error: ") and "-m tsgb: " in res.output
+    assert not list((tmp_path / "o").glob("**/*.png")), "nothing half-written"

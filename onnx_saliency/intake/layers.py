@@ -311,3 +311,19 @@ def attention_probabilities(model: LoadedModel) -> Attention:
                             "tokens (windowed attention, as in Swin, is not supported by attention rollout: use "
                             "gradcam or lrp)")
     return Attention(tuple(found), tokens, grid[0], grid[1])
+
+
+def has_attention(model: LoadedModel) -> bool:
+    """The scores depend on a Softmax that is not the scores' own: a transformer's attention."""
+    g = model.canonical.graph
+    needed = ancestors(g, [model.score_tensor])
+    return any(n.op_type == "Softmax" and n.output[0] in needed and n.output[0] != model.score_tensor
+               for n in g.node)
+
+
+def refuse_transformer(model: LoadedModel, method: str, needs: str) -> None:
+    """Methods defined on CNN structure refuse attention models before running, saying what they need."""
+    if has_attention(model):
+        raise SaliencyError(f"-m {method}: {model.path.name} is a transformer (attention Softmax nodes); {needs}. "
+                            "For transformers use gradcam (token maps), rollout, gradient-rollout or lrp with "
+                            "--composite attnlrp / cp-lrp")

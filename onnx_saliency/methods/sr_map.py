@@ -21,6 +21,7 @@ from graph_passes import lrp as R
 from .. import lrp as L
 from .context_saliency import context_aware_saliency
 from ..errors import SaliencyError
+from ..intake.layers import refuse_transformer
 from ..output.postprocess import minmax
 from . import register
 from .base import Method, Request, Result
@@ -63,6 +64,8 @@ class SRMap(Method):
     uses_layer = False
 
     def explain(self, req: Request) -> Result:
+        refuse_transformer(req.engine.model, self.name, "its reference LRP (z+ dense, LRP-0 conv, winner-take-all "
+                           "max-pool) and saliency step are defined on ReLU CNN heatmaps with spatial down-sampling")
         comp = L.resolve_composite(req.engine, req.option("composite", "sr-reference"), req.options.get("rule_map"),
                                    req.options.get("low"), req.options.get("high"))
         init = req.option("init", "logit")
