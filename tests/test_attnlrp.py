@@ -221,11 +221,16 @@ def test_matches_lxt(exported, name, exporter, variant):
 def test_conv_gamma_matches_lxt_with_zennit(exported):
     b = exported("deit_small", "legacy")
     ref = lxt_relevance(b.model, b.x, b.targets, "attnlrp", conv_gamma=0.25)
-    comp = lrp.get_composite("attnlrp", conv_gamma=0.25)
-    r = b.ex.explain(b.x, method="lrp", composite=comp, target=b.targets)
+    r = b.ex.explain(b.x, method="lrp", composite="attnlrp", conv_gamma=0.25, target=b.targets)
     _check(r.attributions, ref, "attnlrp conv_gamma=0.25")
+    direct = lrp.relevance_at(b.ex.engine, b.x, b.targets, composite=lrp.get_composite("attnlrp", conv_gamma=0.25))
+    np.testing.assert_allclose(direct["relevance"][b.ex.model.input_name], r.attributions, rtol=1e-5, atol=1e-7)
     plain = b.ex.explain(b.x, method="lrp", composite="attnlrp", target=b.targets).attributions
     assert not np.allclose(plain, r.attributions), "gamma must change the map"
+    from onnx_saliency.errors import SaliencyError
+
+    with pytest.raises(SaliencyError, match="only the attnlrp and cp-lrp composites take a layer gamma"):
+        b.ex.explain(b.x, method="lrp", composite="epsilon-plus-flat", conv_gamma=0.25)
 
 
 def test_cp_lrp_and_attnlrp_differ_and_lxt_patches_are_undone(exported):

@@ -268,7 +268,7 @@ def test_rollout_refuses_windowed_attention_and_cnns(exported):
     with pytest.raises(SaliencyError, match="windowed attention"):
         b.ex.explain(b.x, method="rollout")
     v = exported("vit", "legacy")
-    with pytest.raises(SaliencyError, match="head_fusion"):
+    with pytest.raises(SaliencyError, match="head_fusion.*one of mean, max, min"):
         v.ex.explain(v.x, method="rollout", head_fusion="median")
 
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .. import lrp as L
+from ..errors import SaliencyError
 from ..lrp.blocks import conservation_lines, token_stream
 from . import register
 from .base import Method, Request, Result
+from .options import COMPOSITE, HIGH, LOW, LRP_INITS, RULE_MAP, Option
+
+
+GAMMA_COMPOSITES = ("attnlrp", "cp-lrp")
 
 
 class LRP(Method):
@@ -21,11 +28,24 @@ class LRP(Method):
     uses_layer = False
     default_composite = "epsilon-plus-flat"
     default_init = "logit"
+    options = (replace(COMPOSITE, default=default_composite), RULE_MAP,
+               Option("init", "choice", default_init, "initial relevance", choices=LRP_INITS), LOW, HIGH,
+               Option("conv_gamma", "float", None, "gamma rule on conv layers instead of epsilon (attnlrp, cp-lrp)",
+                      low=0.0),
+               Option("dense_gamma", "float", None, "gamma rule on dense layers instead of epsilon (attnlrp, "
+                      "cp-lrp)", low=0.0))
 
     def relevance(self, req: Request, at=()) -> dict:
         low, high = req.options.get("low"), req.options.get("high")
-        comp = L.resolve_composite(req.engine, req.option("composite", self.default_composite),
-                                   req.options.get("rule_map"), low, high)
+        name = req.option("composite", self.default_composite)
+        gammas = {k: req.options[k] for k in ("conv_gamma", "dense_gamma") if req.options.get(k) is not None}
+        if gammas:
+            if str(name).lower().replace("_", "-") not in GAMMA_COMPOSITES or req.options.get("rule_map"):
+                raise SaliencyError(f"--option {next(iter(gammas))}: only the {' and '.join(GAMMA_COMPOSITES)} "
+                                    f"composites take a layer gamma (got composite {name!r}); a rule map sets "
+                                    "gamma per layer itself")
+            name = L.get_composite(name, **gammas)
+        comp = L.resolve_composite(req.engine, name, req.options.get("rule_map"), low, high)
         return L.relevance_at(req.engine, req.x, req.targets, composite=comp, at=(req.engine.model.input_name,) +
                               tuple(at), init=req.option("init", self.default_init), batch_size=req.batch_size)
 
@@ -57,6 +77,8 @@ class ExcitationBackprop(LRP):
     name = "excitation-backprop"
     default_composite = "excitation-backprop"
     default_init = "one"
+    options = (replace(COMPOSITE, default=default_composite), RULE_MAP,
+               Option("init", "choice", default_init, "initial relevance", choices=LRP_INITS), LOW, HIGH)
     signed = False
 
     def to_map(self, rel):

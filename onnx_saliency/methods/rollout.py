@@ -21,11 +21,11 @@ import numpy as np
 
 from graph_passes import grad_name
 
-from ..errors import SaliencyError
 from ..intake.layers import Attention, attention_probabilities
 from ..output.postprocess import scale_cam_image
 from . import register
 from .base import Method, Request, Result
+from .options import Option
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -95,19 +95,13 @@ class AttentionRollout(_AttentionMethod):
     """Abnar & Zuidema attention rollout; options head_fusion (mean | max | min), discard_ratio in [0, 1)."""
 
     name = "rollout"
+    options = (Option("head_fusion", "choice", "mean", "how the heads' attention is fused per block",
+                      choices=HEAD_FUSIONS),
+               Option("discard_ratio", "float", 0.0, "share of each image's lowest fused attention weights set to "
+                      "0 per block (the class token's self-attention kept)", low=0.0, high=0.99))
 
     def options_used(self, req):
-        fusion = str(req.option("head_fusion", "mean"))
-        if fusion not in HEAD_FUSIONS:
-            raise SaliencyError(f"--option head_fusion={fusion!r}: expected one of {', '.join(HEAD_FUSIONS)}")
-        try:
-            ratio = float(req.option("discard_ratio", 0.0))
-        except (TypeError, ValueError):
-            ratio = -1.0
-        if not 0.0 <= ratio < 1.0:
-            raise SaliencyError(f"--option discard_ratio={req.option('discard_ratio', 0.0)!r}: expected a number "
-                                "in [0, 1)")
-        return {"head_fusion": fusion, "discard_ratio": ratio}
+        return {"head_fusion": req.option("head_fusion"), "discard_ratio": req.option("discard_ratio")}
 
     def relevance(self, attn, out, req):
         opts = self.options_used(req)

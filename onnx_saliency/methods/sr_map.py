@@ -25,6 +25,7 @@ from ..intake.layers import refuse_transformer
 from ..output.postprocess import minmax
 from . import register
 from .base import Method, Request, Result
+from .options import HIGH, LOW, LRP_INITS, RULE_MAP, Option
 
 HEATMAP_MODES = ("rgb_abs", "gray_abs", "gray_pos")
 
@@ -62,6 +63,14 @@ class SRMap(Method):
 
     name = "sr-map"
     uses_layer = False
+    options = (Option("composite", "str", "sr-reference", "LRP composite of step A"), RULE_MAP,
+               Option("init", "choice", "logit", "initial relevance", choices=LRP_INITS),
+               Option("heatmap_mode", "choice", "rgb_abs", "how |R| becomes an image", choices=HEATMAP_MODES),
+               Option("ca_resolution", "int", 250, "longest side of the context-aware saliency step", low=8,
+                      high=4096),
+               Option("ca_grid", "int", 48, "patch centres per side (0: the reference's dense search)", low=0,
+                      high=4096),
+               LOW, HIGH)
 
     def explain(self, req: Request) -> Result:
         refuse_transformer(req.engine.model, self.name, "its reference LRP (z+ dense, LRP-0 conv, winner-take-all "
