@@ -26,7 +26,9 @@ class Group:
 
 @dataclass(frozen=True)
 class LRPRule:
-    """One propagation rule. kind: linear | pass | norm | gradient | gate | proportional (MaxPool)."""
+    """One propagation rule. kind: linear | pass | norm | gradient | gate | proportional (MaxPool) | uniform
+    (products of two activations; CP-LRP's variant marks its one group "stop-attention") | fixed-normaliser
+    (LayerNormalization)."""
 
     name: str
     kind: str = "linear"
@@ -42,7 +44,7 @@ class LRPRule:
 
     def describe(self) -> str:
         extra = []
-        if self.kind in ("linear", "norm", "proportional"):
+        if self.kind in ("linear", "norm", "proportional", "uniform", "fixed-normaliser"):
             extra.append(f"eps={self.eps:g}")
         if self.gamma:
             extra.append(f"gamma={self.gamma:g}")
@@ -142,6 +144,27 @@ def Gate() -> LRPRule:
     return LRPRule("gate", kind="gate")
 
 
+def Uniform(stabilizer: float = 1e-6) -> LRPRule:
+    """AttnLRP's uniform rule for a product of two activations (MatMul, Mul): each operand gets half of the
+    proportional (z-rule) share, R_a = 1/2 a (.) J_a^T (R / stab(y)), likewise b; a bilinear map's two shares
+    each sum to half of R (Achtibat et al. 2024, eq. 7)."""
+    return LRPRule("uniform", kind="uniform", eps=stabilizer)
+
+
+def Conservative(stabilizer: float = 1e-6) -> LRPRule:
+    """CP-LRP (Ali et al. 2022) on attention: the attention probabilities are held fixed, so all relevance of
+    A @ V goes to V (the z-rule in V) and none reaches the Softmax, Q or K. Products without a Softmax operand
+    fall back to the uniform rule."""
+    return LRPRule("cp", kind="uniform", eps=stabilizer, groups=(Group((), mask="stop-attention"),))
+
+
+def FixedNormaliser(stabilizer: float = 1e-6) -> LRPRule:
+    """LayerNormalization with its standard deviation held fixed (AttnLRP's identity rule on the normaliser,
+    LXT's stop-gradient on std): what is left, centring and the affine scale and shift, is linear in x and
+    takes the z-rule, R_x = x (.) J^T (R / stab(y)); the shift absorbs its share like a bias."""
+    return LRPRule("fixed-normaliser", kind="fixed-normaliser", eps=stabilizer)
+
+
 RULE_FACTORIES = {
     "epsilon": lambda p: Epsilon(p.get("eps", p.get("epsilon", 1e-6))),
     "lrp0": lambda p: LRP0(), "lrp-0": lambda p: LRP0(), "zero": lambda p: LRP0(),
@@ -156,6 +179,9 @@ RULE_FACTORIES = {
     "gradient": lambda p: Gradient(), "wta": lambda p: WinnerTakeAll(),
     "wta-overwrite": lambda p: UnpoolOverwrite(),
     "proportional": lambda p: Proportional(p.get("stabilizer", 1e-6)), "gate": lambda p: Gate(),
+    "uniform": lambda p: Uniform(p.get("stabilizer", 1e-6)), "cp": lambda p: Conservative(p.get("stabilizer", 1e-6)),
+    "fixed-normaliser": lambda p: FixedNormaliser(p.get("stabilizer", 1e-6)),
+    "fixednormaliser": lambda p: FixedNormaliser(p.get("stabilizer", 1e-6)),
 }
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from graph_passes._graph import attrs, const_value, consumers, execution_order, tensor_infos
 
 from ..errors import SaliencyError
+from ..intake.layers import refuse_transformer
 from ..output.postprocess import resize_maps
 from .base import Method, Request, Result
 from .options import Option
@@ -302,6 +303,8 @@ class GradualExtrapolation(Method):
     def explain(self, req: Request) -> Result:
         from . import get_method
 
+        refuse_transformer(req.engine.model, self.name, "Gradual Extrapolation refines a map through the spatial "
+                           "down-sampling chain between the layer and the input, and a ViT has one patch embedding")
         base = self.base or get_method(str(req.option("base", "gradcam")))
         if isinstance(base, GradualExtrapolation):
             raise SaliencyError(f"-m {self.name}: the base method cannot itself be gradual extrapolation")

@@ -26,6 +26,7 @@ from graph_passes import lrp as R
 from .. import lrp as L
 from .context_saliency import context_aware_saliency
 from ..errors import SaliencyError
+from ..intake.layers import refuse_transformer
 from ..output.postprocess import minmax
 from . import register
 from .base import Method, Request, Result
@@ -81,6 +82,8 @@ class SRMap(Method):
                LOW, HIGH)
 
     def explain(self, req: Request) -> Result:
+        refuse_transformer(req.engine.model, self.name, "its reference LRP (z+ dense, LRP-0 conv, winner-take-all "
+                           "max-pool) and saliency step are defined on ReLU CNN heatmaps with spatial down-sampling")
         reference = str(req.option("reference", "false")).lower()
         if reference not in ("false", "true", "0", "1"):
             raise SaliencyError(f"--option reference={reference!r}: expected true or false")

@@ -23,6 +23,7 @@ from graph_passes.tsgb import append_tsgb, classifier_layers
 
 from ..engine import check_finite
 from ..errors import SaliencyError, UnsupportedModelError
+from ..intake.layers import refuse_transformer
 from . import register
 from .base import Method, Request, Result
 from .options import Option
@@ -38,6 +39,8 @@ class TSGB(Method):
 
     def explain(self, req: Request) -> Result:
         engine, model = req.engine, req.engine.model
+        refuse_transformer(model, self.name, "TSGB guides its backward pass through the ReLU and max-pool "
+                           "down-sampling stages of a CNN")
         chosen = req.options.get("classifier")
         names = None if chosen is None else tuple([chosen] if isinstance(chosen, str) else chosen)
         try:
