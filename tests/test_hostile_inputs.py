@@ -736,3 +736,51 @@ def test_evaluate_skips_an_unreadable_image_like_explain(tmp_path):
     assert "broken.png" in text and "1 of 3 image(s) failed and were skipped" in text
     result = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert "broken.png" in result["skipped"] and len(result["images"]) == 2
+
+
+# --- generated variants for classes 2 and 3 ----------------------------------------------------------------
+
+@FEW
+@given(hops=st.lists(st.sampled_from([".", "sub/..", "sub/./..", "link"]), max_size=4),
+       via=st.sampled_from(["path", "symlink", "hardlink"]))
+def test_no_spelling_of_an_input_can_be_written_over(hops, via):
+    import os
+
+    from onnx_saliency.guard import note_input
+    from onnx_saliency.output.writers import write_bytes
+
+    root = Path(tempfile.mkdtemp(dir=_WORK))
+    (root / "sub").mkdir()
+    (root / "link").symlink_to(root)
+    source = root / "model.onnx"
+    source.write_bytes(b"precious")
+    note_input(source)
+    name = "model.onnx"
+    if via == "symlink":
+        name = "alias.onnx"
+        (root / name).symlink_to(source)
+    elif via == "hardlink":
+        name = "hard.onnx"
+        os.link(source, root / name)
+    target = root.joinpath(*hops, name)
+    with pytest.raises(SaliencyError, match="input of this run"):
+        write_bytes(target, b"clobbered")
+    assert source.read_bytes() == b"precious"
+
+
+@FEW
+@given(opset=st.integers(29, 500), shape=st.sampled_from([(1, 32), (2, 16), (16, 2), (32, 1), (8, 4)]),
+       which=st.sampled_from(["opset", "shape"]))
+def test_models_onnxruntime_refuses_are_one_line(opset, shape, which):
+    from onnx_saliency import Explainer
+
+    change = _opset(opset) if which == "opset" else _fc_shape(shape)
+    path = _variant(Path(tempfile.mkdtemp(dir=_WORK)), "v.onnx", change)
+    try:
+        Explainer(path).check_session()
+    except SaliencyError as err:
+        text = str(err)
+        assert text.startswith("v.onnx: ") or text.startswith(str(path)), text
+        assert "\n" not in text and "[ONNXRuntimeError]" not in text and "onnxruntime::" not in text
+        return
+    raise AssertionError(f"{which} variant loaded: {opset} {shape}")
