@@ -86,7 +86,7 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     model, images = split_model_and_images(tuple(i for i in inputs if i not in uris), bool(uris))
     images = images + list(uris)
     method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
-    if rule_map is not None and not Path(rule_map).is_file():
+    if rule_map is not None and not Path(rule_map).exists():  # a FIFO or folder: refused when read
         raise SaliencyError(f"--rule-map {rule_map}: no such file")
     options = method_options(option_pairs, method_objs, composite=composite, rule_map=rule_map)
     ex = explainer_from_options(model, **model_kw)

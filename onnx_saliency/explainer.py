@@ -134,7 +134,12 @@ class Explainer:
         """Build the plain forward session now (it is cached for the first run): a model onnxruntime cannot
         load (an opset newer than the runtime, weights contradicting the graph) fails here as one error line,
         before any image is read, rather than once per image."""
-        self.engine.session(*self.engine.graph())
+        from graph_passes import GraphPassError
+
+        try:
+            self.engine.session(*self.engine.graph())
+        except GraphPassError:  # our rewrite does not apply (an exported explain graph): load the model as is
+            self.engine.session(("model",), lambda canonical: canonical)
 
     def run_settings(self, method: str, layer, target: int, options: dict) -> dict:
         """What decides one image's map besides the model and the image: the layer as asked (layer methods
