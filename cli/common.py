@@ -229,3 +229,22 @@ def note(text: str, quiet: bool = False) -> None:
     """An informational line on stderr (what was assumed, what was done), silenced by --quiet."""
     if not quiet:
         click.echo(f"note: {text}", err=True)
+
+
+def rendering_options(f):
+    """--clip-percentile and --blend: how the commands that draw maps (explain, compare) colour signed and pixel
+    maps (onnx_saliency.output.postprocess.render)."""
+    f = click.option("--blend", is_flag=True, help="Draw signed and pixel maps over a grey copy of the photo "
+                     "(colour where the map is strong); default: a heatmap of its own. CAMs are always overlaid.")(f)
+    f = click.option("--clip-percentile", type=float, default=99.5, show_default=True,
+                     help="Signed maps: colours saturate at this percentile of |R| (symmetric, white = 0); "
+                     "unsigned pixel maps: at this percentile of the map. 100 = the maximum.")(f)
+    return f
+
+
+def rendering_from_options(clip_percentile: float, blend: bool):
+    from onnx_saliency.output.sidecar import Rendering
+
+    if not 0 < clip_percentile <= 100:
+        raise SaliencyError(f"--clip-percentile {clip_percentile:g}: must be in (0, 100]")
+    return Rendering(clip_percentile=clip_percentile, blend=blend)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -9,8 +10,8 @@ import click
 from onnx_saliency.errors import SaliencyError
 
 from .common import (CompositeOption, explainer_from_options, fail_cleanly, mib, parse_bytes, parse_options,
-                     parse_target, peak_rss_bytes, progress, quiet_option, speak_up, split_model_and_images,
-                     with_model_options)
+                     parse_target, peak_rss_bytes, progress, quiet_option, rendering_from_options,
+                     rendering_options, speak_up, split_model_and_images, with_model_options)
 
 
 @click.command()
@@ -48,12 +49,13 @@ from .common import (CompositeOption, explainer_from_options, fail_cleanly, mib,
               help="[ray] files: png/npy/json per image as the local engine (default); parquet: a sharded dataset.")
 @click.option("--shard-size", type=int, default=None, help="[ray] Images per shard: one actor call, one "
               "Parquet file (default max(64, --batch-size)).")
+@rendering_options
 @quiet_option
 @with_model_options
 @fail_cleanly
 def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, composite, rule_map, resume,
             max_pixels, memory_budget, report, engine, address, actors, cpus_per_actor, gpus_per_actor, fmt,
-            shard_size, quiet, **model_kw):
+            shard_size, clip_percentile, blend, quiet, **model_kw):
     """Explain IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model).
 
     A bad image is reported on stderr (one line naming it) and skipped; the others are written. A method
@@ -64,6 +66,7 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     written (the run stops there); 130 interrupted. Outputs are whole files or absent: rerun with --resume to finish.
     """
     from onnx_saliency.output.batch import explain_images
+    from onnx_saliency.output.sidecar import write_image_outputs
     from onnx_saliency.methods import get_method
     from onnx_saliency.intake.preprocess import MAX_PIXELS
 
@@ -72,10 +75,13 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     if max_pixels is not None and max_pixels < 1:
         raise SaliencyError(f"--max-pixels {max_pixels}: must be at least 1")
     budget = parse_bytes(memory_budget, "--memory-budget")
+    rendering = rendering_from_options(clip_percentile, blend)
     scale = {"--address": address, "--actors": actors, "--cpus-per-actor": cpus_per_actor,
              "--gpus-per-actor": gpus_per_actor, "--format": fmt, "--shard-size": shard_size}
     if engine == "local" and any(v is not None for v in scale.values()):
         raise SaliencyError(f"{next(k for k, v in scale.items() if v is not None)}: needs --engine ray")
+    if engine == "ray" and (clip_percentile != 99.5 or blend):
+        raise SaliencyError("--clip-percentile/--blend: Ray actors draw with the defaults; use --engine local")
     if engine == "ray" and model_kw.get("threads") is not None:
         raise SaliencyError("--threads: with --engine ray each actor runs --cpus-per-actor threads")
     uris = tuple(i for i in inputs if "://" in i) if engine == "ray" else ()  # read by the actors
@@ -118,7 +124,8 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
                                  layer=layer_spec if len(layer_spec) > 1 else layer_spec[0], targets=targets,
                                  batch_size=batch_size, options=options, max_pixels=max_pixels or MAX_PIXELS,
                                  resume=resume, on_failure=lambda line: bar.echo(f"error: {line}"),
-                                 on_progress=bar.update)
+                                 on_progress=bar.update, write=functools.partial(write_image_outputs,
+                                                                                 rendering=rendering))
     for image, method, value in outcome.constant:
         click.echo(f"warning: {image}: the {method} map is constant ({value:g}); saved as is, not normalised")
     if report:

@@ -41,9 +41,12 @@ def test_explain_writes_png_npy_json_per_image_and_method(model, images, tmp_pat
     for i in range(3):
         for method in ("gradcam", "integrated-gradients"):
             base = out / f"img{i}" / method
-            assert cv2.imread(str(base) + ".png").shape == (16, 16, 3)
             assert np.load(str(base) + ".npy").shape == (16, 16)
             meta = json.loads((base.with_suffix(".json")).read_text())
+            # the 16x16 map upscaled 14x to 224 rows, under a title and the colour convention, with its bar
+            assert cv2.imread(str(base) + ".png").shape == (224 + 2 * 22, *meta["picture"]["shape"][1:], 3)
+            assert meta["picture"]["shape"][0] == 268 and meta["picture"]["shape"][1] > 224
+            assert meta["picture"]["kind"] == {"gradcam": "cam", "integrated-gradients": "signed"}[method]
             assert meta["method"] == method and len(meta["model_sha256"]) == 64
             assert meta["execution_provider"] == "CPUExecutionProvider"
             assert {"onnxruntime", "onnx-saliency"} <= set(meta["versions"])

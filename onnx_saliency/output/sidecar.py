@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from .. import __version__
 from ..intake.layers import module_of_tensor
-from .postprocess import colorize, colorize_signed, minmax, overlay
+from .postprocess import DEFAULT_CLIP_PERCENTILE, figure, map_kind, render
 from .writers import write_json, write_npy, write_png
 
 OUTPUT_SUFFIXES = (".npy", ".png", ".json")
@@ -36,18 +37,48 @@ def versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def picture(display: np.ndarray | None, saliency: np.ndarray, signed: bool) -> np.ndarray:
-    """Overlay for unsigned maps; a diverging map (blended with the photo) for signed ones."""
-    if signed:
-        heat = colorize_signed(saliency)
-    else:
-        heat = colorize(minmax(saliency[None])[0])
-    if display is None:
-        return heat
-    return overlay(display, heat, alpha=0.5)
+@dataclass(frozen=True)
+class Rendering:
+    """How saved pictures are drawn (postprocess.render): `clip_percentile` of |R| (signed) or of the map
+    (unsigned pixel maps) where the colours saturate; `blend` signed and pixel maps onto a grey copy of the
+    photo; `min_height` rows a per-image picture is upscaled to, so its title and colour bar are readable."""
+
+    clip_percentile: float = DEFAULT_CLIP_PERCENTILE
+    blend: bool = False
+    min_height: int = 224
 
 
-def sidecar(explainer, result, index: int, image: Path, options: dict) -> dict:
+def result_kind(result) -> str:
+    """'signed', 'pixel' (unsigned pixel attributions) or 'cam', from what the method returned."""
+    return map_kind(bool(result.signed), getattr(result, "attributions", None) is not None)
+
+
+def picture(display: np.ndarray | None, saliency: np.ndarray, signed: bool, kind: str | None = None,
+            rendering: Rendering = Rendering()) -> np.ndarray:
+    """The map drawn as its kind says, at its own size, without title or bar (``kind`` defaults to 'signed'
+    for signed maps, else 'cam')."""
+    kind = kind or ("signed" if signed else "cam")
+    return render(saliency, kind, display, clip_percentile=rendering.clip_percentile, blend=rendering.blend)[0]
+
+
+def picture_title(explainer, result, index: int) -> str:
+    target = int(result.targets[index])
+    return f"{result.method}: {explainer.model.label(target)} ({target}), score {float(result.scores[index]):.4g}"
+
+
+def annotated_picture(explainer, result, index: int, rendering: Rendering = Rendering()) -> tuple[np.ndarray, dict]:
+    """The per-image picture (map drawn by kind, upscaled, colour bar, title and sign convention) and what the
+    sidecar records about it."""
+    display = getattr(result, "display", None)
+    kind = result_kind(result)
+    heat, scale = render(result.maps[index], kind, None if display is None else display[index],
+                         clip_percentile=rendering.clip_percentile, blend=rendering.blend)
+    rgb = figure(heat, scale, picture_title(explainer, result, index), min_height=rendering.min_height)
+    return rgb, {"kind": kind, "shape": list(rgb.shape[:2]), "colour_bar": scale.as_dict(),
+                 "clip_percentile": rendering.clip_percentile, "blend": rendering.blend}
+
+
+def sidecar(explainer, result, index: int, image: Path, options: dict, picture: dict | None = None) -> dict:
     m = explainer.model
     target = int(result.targets[index])
     flat = result.maps[index]
@@ -60,6 +91,7 @@ def sidecar(explainer, result, index: int, image: Path, options: dict) -> dict:
         "map": {"shape": list(flat.shape), "min": float(flat.min()), "max": float(flat.max()),
                 "signed": bool(result.signed), "constant": bool(np.ptp(flat) == 0),
                 "all_zero": bool(not flat.any())},
+        **({"picture": picture} if picture is not None else {}),
         "preprocessing": vars(explainer.preprocessing) if hasattr(explainer.preprocessing, "__dict__") else str(
             explainer.preprocessing),
         "assumptions": list(getattr(explainer, "assumptions", [])),  # chosen without the user's or model's word
@@ -79,16 +111,17 @@ def output_paths(out: Path, image: Path, method: str) -> list[Path]:
     return [out / image.stem / f"{method}{suffix}" for suffix in OUTPUT_SUFFIXES]
 
 
-def write_image_outputs(explainer, result, i: int, image: Path, out: Path, options: dict) -> None:
+def write_image_outputs(explainer, result, i: int, image: Path, out: Path, options: dict,
+                        rendering: Rendering = Rendering()) -> None:
     """The map, picture and sidecar of image `i` of `result`; the JSON goes last, so it marks completion."""
-    display = getattr(result, "display", None)
     npy, png, sidecar_path = output_paths(out, image, result.method)
     for stale in npy.parent.glob(".*.tmp") if npy.parent.is_dir() else ():
         if stale.name.startswith(tuple("." + p.name for p in (npy, png, sidecar_path))):
             stale.unlink(missing_ok=True)  # left by a run killed between writing and renaming
     write_npy(npy, result.maps[i].astype(np.float32))
-    write_png(png, picture(None if display is None else display[i], result.maps[i], result.signed))
-    write_json(sidecar_path, sidecar(explainer, result, i, image, options))
+    rgb, about = annotated_picture(explainer, result, i, rendering)
+    write_png(png, rgb)
+    write_json(sidecar_path, sidecar(explainer, result, i, image, options, about))
 
 
 def outputs_complete(out: Path, image: Path, method: str, model_sha256: str) -> bool:
@@ -105,8 +138,9 @@ def outputs_complete(out: Path, image: Path, method: str, model_sha256: str) -> 
     if not isinstance(meta, dict) or meta.get("method") != method or meta.get("model_sha256") != model_sha256:
         return False
     shape = meta.get("map", {}).get("shape") if isinstance(meta.get("map"), dict) else None
+    drawn = meta.get("picture", {}).get("shape") if isinstance(meta.get("picture"), dict) else None
     return (saliency.ndim == 2 and saliency.dtype == np.float32 and list(saliency.shape) == shape
-            and picture_hw == tuple(shape) and bool(np.isfinite(saliency).all()))
+            and isinstance(drawn, list) and picture_hw == tuple(drawn) and bool(np.isfinite(saliency).all()))
 
 
 def _png_size(path: Path) -> tuple[int, int] | None:
