@@ -34,7 +34,8 @@ from .common import (CompositeOption, explainer_from_options, fail_cleanly, mib,
 @click.option("--memory-budget", default="2GiB", show_default=True,
               help="Split batches so one onnxruntime call stays under this estimate (e.g. 512MiB, 8GiB).")
 @click.option("--report", is_flag=True, help="Print what canonicalisation did, batch splits, peak memory and, for "
-              "LRP, a conservation table.")
+              "LRP, the conservation table per layer; and write OUT/report.html, one self-contained page with every "
+              "image x method (pictures, targets, scores, settings, warnings, conservation tables).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process. ray: a Ray cluster (Ray Data actors; needs the [ray] extra).")
 @click.option("--address", default=None, help="[ray] Cluster to join: auto, HOST:PORT or ray://HOST:PORT "
@@ -140,6 +141,8 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
         peak = peak_rss_bytes()
         click.echo(f"memory  peak resident {mib(peak)} (getrusage ru_maxrss)" if peak is not None
                    else "memory  peak resident unknown on this platform")
+        page = _run_report(ex, images, method_objs, out, options, rendering, outcome, layer_spec, budget)
+        click.echo(f"report  {page}")
     resumed = f"; {len(outcome.resumed)} already complete (--resume)" if outcome.resumed else ""
     if outcome.partial:  # some images lost some methods: count outputs, not images
         click.echo(f"wrote {outcome.outputs} of {total} output(s) ({len(images)} image(s) x {len(method_objs)} "
@@ -181,6 +184,68 @@ def _explain_on_ray(ex, images, method_objs, layer_spec, target, out, batch_size
                f"({outcome.images_per_s:.1f} images/s) on {outcome.actors} actor(s); {len(outcome.failed)} failed; "
                f"driver setup {outcome.setup_seconds:.1f} s")
     outcome.raise_for_failures()
+
+
+def _run_report(ex, images, method_objs, out, options, rendering, outcome, layer_spec, budget):
+    """Print the LRP conservation tables and write OUT/report.html; returns its path."""
+    import cv2
+    import numpy as np
+
+    from onnx_saliency import lrp
+    from onnx_saliency.intake.preprocess import load_image
+    from onnx_saliency.methods.lrp import LRP
+    from onnx_saliency.output.run_report import REPORT_NAME, Conservation, RunReport, collect_entries, write_report
+    from onnx_saliency.output.postprocess import upscale
+    from onnx_saliency.output.sidecar import versions
+
+    m = ex.model
+    settings = [("model", str(m.path)), ("sha256", m.sha256), ("input", f"{m.input_name} {m.layout}"),
+                ("preprocessing", str(vars(ex.preprocessing) if hasattr(ex.preprocessing, "__dict__")
+                                      else ex.preprocessing)),
+                ("methods", ", ".join(x.name for x in method_objs)), ("layer", ", ".join(layer_spec)),
+                ("options", ", ".join(f"{k}={v}" for k, v in options.items()) or "none"),
+                ("pictures", f"clip percentile {rendering.clip_percentile:g}, blend {rendering.blend}, "
+                             f"min height {rendering.min_height}"),
+                ("memory budget", mib(budget)), ("execution provider", ex.engine.active_provider()),
+                ("versions", ", ".join(f"{k} {v}" for k, v in versions().items()))]
+    report = RunReport(model=m.path.name, settings=settings, rewrite=list(m.report.lines()))
+    report.warnings += [f"assumed: {a}" for a in getattr(ex, "assumptions", [])]
+    report.warnings += [f"{image}: the {method} map is constant ({value:g}); saved as is"
+                        for image, method, value in outcome.constant]
+    report.notes += [f"{method}: {note}" for method, note in outcome.notes]
+    report.errors += list(outcome.failed.values()) + [f"{image}: -m {method}: {why}" for (image, method), why
+                                                       in outcome.method_failed.items()]
+    report.entries = collect_entries(out, images, [x.name for x in method_objs])
+
+    for image in dict.fromkeys(e.image for e in report.entries):
+        try:
+            x, display = ex.prepare([load_image(image)])
+        except SaliencyError:
+            continue
+        if display is not None:
+            shown = upscale(display[0], rendering.min_height)
+            ok, buf = cv2.imencode(".png", cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
+            if ok:
+                report.inputs[image] = buf.tobytes()
+        for entry in (e for e in report.entries if e.image == image):
+            method = next(x for x in method_objs if x.name == entry.method)
+            if not isinstance(method, LRP):
+                continue
+            composite = options.get("composite") or method.default_composite
+            init = options.get("init") or method.default_init
+            target = int(entry.meta["target"]["class"])
+            rows = lrp.conservation_table(ex.engine, x, [target], composite=composite, init=init,
+                                          rule_map=options.get("rule_map"), low=options.get("low"),
+                                          high=options.get("high"))
+            scores = ex.engine.run(x, np.array([target]), outputs=[m.score_tensor])[m.score_tensor]
+            start = float(lrp.initial_total(scores, np.array([target]), init)[0])
+            c = Conservation(image, method.name, entry.meta.get("options", {}).get("composite", str(composite)), start,
+                             [{k: (float(v[0]) if k in ("out", "in") else v) for k, v in row.items()} for row in rows])
+            report.conservation.append(c)
+            click.echo(f"conservation  {image} -m {method.name} (composite {c.composite}, start {start:.6g})")
+            for line in lrp.format_conservation(rows):
+                click.echo(f"conservation  {line}")
+    return write_report(out / REPORT_NAME, report)
 
 
 def _given(value, default):
