@@ -42,6 +42,8 @@ def test_report_page_is_self_contained_and_complete(run):
     images = re.findall(r"<img alt='([^']+)' src='data:image/png;base64,", page)
     assert sorted(images) == sorted(["input", "gradcam", "lrp"] * 2)
     assert page.count("class='conservation'") == 2  # one LRP table per image
+    # the default composite zeroes the conv biases; the first layer is flat (no bias); the sink column says so
+    assert "<td>stabiliser (bias zeroed)</td>" in page and "<td>stabiliser (no bias in the rule)</td>" in page
     assert "broken.png" in page and "error:" in page  # the failure is on the page too
     assert len(re.findall(r"</b>: target \S+ \(\d+\), score [-0-9.e]+", page)) == 4  # every image x method
     for name in ("sha256", "preprocessing", "clip percentile 99.5", "execution provider", "onnxruntime"):

@@ -92,14 +92,15 @@ def _num(v: float) -> str:
 def conservation_rows_html(c: Conservation) -> list[str]:
     e = html.escape
     parts = [f"<table class='conservation'><tr><th>node</th><th>op</th><th>rule</th><th>sum R out</th>"
-             f"<th>sum R in</th><th>in/out</th><th>kept of start</th></tr>"]
+             f"<th>sum R in</th><th>in/out</th><th>absorbed</th><th>by</th><th>kept of start</th></tr>"]
     for r in c.rows:
         ratio = r["in"] / r["out"] if r["out"] else float("nan")
         kept = r["in"] / c.start if c.start else float("nan")
         loss = " class='loss'" if np.isfinite(ratio) and abs(ratio - 1) > 0.05 else ""
         parts.append(f"<tr{loss}><td>{e(r['node'])}</td><td>{e(r['op'])}</td><td>{e(r['rule'])}</td>"
                      f"<td class='num'>{_num(r['out'])}</td><td class='num'>{_num(r['in'])}</td>"
-                     f"<td class='num'>{_num(ratio)}</td><td class='num'>{_num(kept)}</td></tr>")
+                     f"<td class='num'>{_num(ratio)}</td><td class='num'>{_num(r['out'] - r['in'])}</td>"
+                     f"<td>{e(str(r.get('sink', '-')))}</td><td class='num'>{_num(kept)}</td></tr>")
     parts.append("</table>")
     return parts
 
@@ -143,9 +144,10 @@ def report_html(r: RunReport) -> str:
         parts.append("</div>")
     if r.conservation:
         parts.append("<h2 id='conservation'>LRP conservation per layer</h2><p>sum R out: relevance arriving at a "
-                     "node from above; sum R in: what its rule passes to its inputs; in/out &lt; 1 is relevance "
-                     "absorbed there (biases, epsilon), rows off by more than 5 % are shaded; kept of start: the "
-                     "share of the initial relevance still present below the node.</p>")
+                     "node from above; sum R in: what its rule passes to its inputs; absorbed: the difference, and "
+                     "by: what can hold it there (a linear layer's bias, with the folded BatchNorm shift, unless "
+                     "its rule zeroes it; the stabiliser); rows whose in/out is off by more than 5 % are shaded; "
+                     "kept of start: the share of the initial relevance still present below the node.</p>")
         for c in r.conservation:
             parts.append(f"<h3>{e(Path(c.image).name)}: {e(c.method)} (composite {e(c.composite)}, start "
                          f"{_num(c.start)})</h3>")
