@@ -46,6 +46,7 @@ def test_rule_bias_parameter_is_data():
     assert R.make_rule("epsilon", bias="zero") == R.with_bias(R.Epsilon(), "zero")
     assert R.Epsilon().reuses_forward and not R.with_bias(R.Epsilon(), "zero").reuses_forward  # z without b
     assert R.with_bias(R.Norm(), "zero") == R.Norm()  # nothing to remove outside linear layers
+    assert R.with_bias(R.Flat(), "zero") == R.Flat()  # nor from a rule without bias terms
     with pytest.raises(ValueError, match="bias 'sink'"):
         R.with_bias(plus, "sink")
     with pytest.raises(ValueError, match="make it again"):
@@ -58,7 +59,7 @@ def test_nobias_composites_named_and_built():
     assert "excitation-backprop-nobias" not in names
     comp = lrp.get_composite("epsilon-plus-flat-nobias")
     assert comp.name == "epsilon-plus-flat-nobias"
-    assert {r.bias for _, r in comp.entries} == {"zero"}
+    assert {r.name: r.bias for _, r in comp.entries} == {"flat": "keep", "zplus": "zero", "epsilon": "zero"}
     assert {r.bias for _, r in lrp.get_composite("epsilon-plus-flat").entries} == {"keep"}
 
 

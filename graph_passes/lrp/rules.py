@@ -64,13 +64,15 @@ class LRPRule:
 
 def with_bias(rule: LRPRule, bias: str) -> LRPRule:
     """`rule` with the bias handling `bias` (BIAS_MODES). "zero" replaces every term's bias by "zero" (zennit's
-    zero_params=["bias"]); non-linear rules have no bias and come back as they are."""
+    zero_params=["bias"]); non-linear rules and rules without bias terms (flat) come back as they are."""
     if bias not in BIAS_MODES:
         raise ValueError(f"bias {bias!r}: expected one of {', '.join(BIAS_MODES)}")
     if rule.kind != "linear" or bias == rule.bias:
         return rule
     if bias == "keep":
         raise ValueError(f"rule {rule.name}: its bias terms were removed; make it again to keep them")
+    if all(t.bias == "zero" for g in rule.groups for t in g.terms):
+        return rule  # flat: no bias to remove
     groups = tuple(replace(g, terms=tuple(replace(t, bias="zero") for t in g.terms)) for g in rule.groups)
     return replace(rule, groups=groups, bias="zero")
 
