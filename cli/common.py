@@ -103,10 +103,11 @@ class CompositeOption(click.Option):
     CLI starts without importing the LRP machinery)."""
 
     def get_help_record(self, ctx):
-        from onnx_saliency.lrp import composite_names
+        from onnx_saliency.lrp import COMPOSITES
 
         if not getattr(self, "_listed", False):
-            self.help = f"{self.help or ''} One of: {', '.join(composite_names())}.".strip()
+            self.help = (f"{self.help or ''} One of: {', '.join(sorted(COMPOSITES))}; each but excitation-backprop "
+                         "also as NAME-nobias (biases zeroed: docs/lrp-bias.md).").strip()
             self._listed = True
         return super().get_help_record(ctx)
 
