@@ -242,7 +242,7 @@ def render(saliency: np.ndarray, kind: str, display: np.ndarray | None = None, *
         strength = v
     if blend and display is not None:
         heat = _blend_on_grey(heat, strength, display)
-        scale = ColourScale(scale.ramp, scale.lo, scale.hi, scale.caption + "; on grey photo")
+        scale = ColourScale(scale.ramp, scale.lo, scale.hi, scale.caption + "; on grey")
     return heat, scale
 
 
@@ -285,23 +285,19 @@ def with_colour_bar(panel: np.ndarray, scale: ColourScale) -> np.ndarray:
 
 
 def titled(img: np.ndarray, lines: Sequence[str]) -> np.ndarray:
-    """`img` under one title bar per line of text (ASCII, cut with '...' to the width)."""
+    """`img` under one title bar per line of text (ASCII), widened with white on the right so no line is cut."""
     lines = [str(t) for t in lines if t]
-    out = np.full((img.shape[0] + _TITLE_H * len(lines), img.shape[1], 3), 255, np.uint8)
+    wide = max([cv2.getTextSize(t.encode("ascii", "replace").decode(), _FONT, _FONT_SCALE, 1)[0][0] + 2 * _PAD
+                for t in lines] + [img.shape[1]])
+    out = np.full((img.shape[0] + _TITLE_H * len(lines), wide, 3), 255, np.uint8)
     for k, text in enumerate(lines):
-        cv2.putText(out, _fit_title(text, img.shape[1]), (_PAD, (k + 1) * _TITLE_H - 7), _FONT, _FONT_SCALE,
+        cv2.putText(out, _fit_title(text, wide), (_PAD, (k + 1) * _TITLE_H - 7), _FONT, _FONT_SCALE,
                     (0, 0, 0), 1, cv2.LINE_AA)
-    out[_TITLE_H * len(lines):] = img
+    out[_TITLE_H * len(lines):, :img.shape[1]] = img
     return out
 
 
 def figure(picture: np.ndarray, scale: ColourScale, title: str, *, min_height: int = 224) -> np.ndarray:
     """A picture people can read on its own: upscaled to `min_height`, colour bar with numbers, the title and
-    the colour convention above (the body widened with white so that neither line is cut)."""
-    body = with_colour_bar(upscale(picture, min_height), scale)
-    lines = [title, scale.caption]
-    wide = max(cv2.getTextSize(t.encode("ascii", "replace").decode(), _FONT, _FONT_SCALE, 1)[0][0]
-               for t in lines) + 2 * _PAD
-    if wide > body.shape[1]:
-        body = np.concatenate([body, np.full((body.shape[0], wide - body.shape[1], 3), 255, np.uint8)], axis=1)
-    return titled(body, lines)
+    the colour convention above."""
+    return titled(with_colour_bar(upscale(picture, min_height), scale), [title, scale.caption])
