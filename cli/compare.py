@@ -8,7 +8,7 @@ import click
 
 from onnx_saliency.errors import SaliencyError
 
-from .common import (explainer_from_options, fail_cleanly, parse_options, parse_target, progress, quiet_option,
+from .common import (explainer_from_options, fail_cleanly, method_options, parse_target, progress, quiet_option,
                      rendering_from_options, rendering_options,
                      speak_up, split_model_and_images, with_model_options)
 
@@ -24,6 +24,9 @@ def _panel(rgb, height: int):
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_NEAREST if height > h else cv2.INTER_AREA)
 
 
+MAX_PANEL = 4096
+
+
 @click.command()
 @click.argument("inputs", nargs=-1)
 @click.option("-m", "--method", "methods", multiple=True, default=("gradcam",), show_default=True,
@@ -31,7 +34,7 @@ def _panel(rgb, height: int):
 @click.option("--layer", "layers", multiple=True, help="Layer tensor/node name or index (repeatable; default auto).")
 @click.option("--target", default=None, help="top1 (default), a class index or a label.")
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default="compare.png", show_default=True)
-@click.option("--size", type=int, default=224, show_default=True, help="Height of each panel in pixels.")
+@click.option("--size", type=int, default=224, show_default=True, help="Height of each panel in pixels (8..4096).")
 @click.option("--cols", type=int, default=None, help="Panels per row (default: all in one row).")
 @click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE, passed to every method.")
 @rendering_options
@@ -53,15 +56,15 @@ def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs,
     from onnx_saliency.output.writers import write_png
 
     rendering = rendering_from_options(clip_percentile, blend)
-    if size < 8:
-        raise SaliencyError(f"--size {size}: panels need at least 8 pixels")
-    if cols is not None and cols < 1:
-        raise SaliencyError(f"--cols {cols}: must be at least 1")
+    if not 8 <= size <= MAX_PANEL:  # a typo such as 100000 would ask for a canvas of tens of GB
+        raise SaliencyError(f"--size {size}: panels need from 8 to {MAX_PANEL} pixels")
+    if cols is not None and not 1 <= cols <= 64:
+        raise SaliencyError(f"--cols {cols}: must be from 1 to 64")
     model, images = split_model_and_images(inputs)
     if len(images) != 1:
         raise SaliencyError(f"compare takes one image, got {len(images)}; use `explain` for several")
     method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
-    options = parse_options(option_pairs)
+    options = method_options(option_pairs, method_objs)
     ex = explainer_from_options(model, **model_kw)
     speak_up(ex, inputs, model, quiet)
     layer_spec = list(layers) if layers else ["auto"]
@@ -76,7 +79,7 @@ def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs,
             try:
                 result = ex.explain([picture_in], method=m.name,
                                     layer=layer_spec if len(layer_spec) > 1 else layer_spec[0], target=targets,
-                                    **options)
+                                    **{k: v for k, v in options.items() if k in ex.options_of(m.name, options)})
             except Exception as err:  # noqa: BLE001 - one method's failure must not cost the other panels
                 failed.append(spelled)
                 reason = method_error(err)

@@ -9,9 +9,9 @@ import click
 
 from onnx_saliency.errors import SaliencyError
 
-from .common import (CompositeOption, explainer_from_options, fail_cleanly, mib, parse_bytes, parse_options,
-                     parse_target, peak_rss_bytes, progress, quiet_option, rendering_from_options,
-                     rendering_options, speak_up, split_model_and_images, with_model_options)
+from .common import (CompositeOption, explainer_from_options, fail_cleanly, method_options, mib, parse_bytes,
+                     parse_target, peak_rss_bytes, progress, quiet_option, rendering_from_options, rendering_options,
+                     speak_up, split_model_and_images, with_model_options)
 
 
 @click.command()
@@ -22,7 +22,8 @@ from .common import (CompositeOption, explainer_from_options, fail_cleanly, mib,
 @click.option("--target", default=None, help="top1 (default), a class index or label, or a comma list per image.")
 @click.option("--out", "out_dir", type=click.Path(), default="saliency_out", show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE (e.g. n=50, steps=32).")
+@click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE (e.g. n=50, steps=32); "
+              "`onnx-saliency methods` lists each method's options, ranges and defaults.")
 @click.option("--composite", cls=CompositeOption, default=None,
               help="LRP composite for lrp and the LRP-based methods (the rule of every node: `onnx-saliency rules "
               "MODEL --composite NAME`).")
@@ -92,13 +93,9 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     model, images = split_model_and_images(tuple(i for i in inputs if i not in uris), bool(uris))
     images = images + list(uris)
     method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
-    options = parse_options(option_pairs)
-    if composite is not None:
-        options["composite"] = composite
-    if rule_map is not None:
-        if not Path(rule_map).is_file():
-            raise SaliencyError(f"--rule-map {rule_map}: no such file")
-        options["rule_map"] = rule_map
+    if rule_map is not None and not Path(rule_map).is_file():
+        raise SaliencyError(f"--rule-map {rule_map}: no such file")
+    options = method_options(option_pairs, method_objs, composite=composite, rule_map=rule_map)
     ex = explainer_from_options(model, **model_kw)
     speak_up(ex, inputs, model, quiet)
     ex.engine.memory_budget = budget

@@ -16,7 +16,8 @@ def _summary(cls) -> str:
 
 @click.command("methods")
 def list_methods():
-    """List the available methods: name, what they explain at (a layer or the input pixels), description."""
+    """List the available methods: name, what they explain at (a layer or the input pixels), description,
+    and the options each takes (explain --option KEY=VALUE; kind, range or choices, default)."""
     from onnx_saliency.methods import ALIASES, METHODS
 
     width = max(map(len, METHODS)) + 2
@@ -29,6 +30,11 @@ def list_methods():
         click.echo(head + lines[0])
         for line in lines[1:]:
             click.echo(indent + line)
+        declared = cls().declared_options({}) if cls.options else {}
+        if declared:
+            text = "options: " + "; ".join(opt.describe() for opt in declared.values())
+            for line in textwrap.wrap(text, columns - len(indent), break_on_hyphens=False):
+                click.echo(indent + line)
     click.echo("")
     aliases = ", ".join(f"{alias} = {name}" for alias, name in sorted(ALIASES.items()))
     click.echo("\n".join(textwrap.wrap(f"aliases: {aliases}; METHOD+ge puts Gradual Extrapolation on any layer "

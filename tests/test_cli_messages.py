@@ -93,6 +93,9 @@ def test_methods_are_aligned_and_described_in_whole_sentences():
     current = None
     for line in lines:
         if line.startswith("aliases:") or line.startswith("  "):
+            if line.strip().startswith("options:"):  # the declared options follow the description
+                current = None
+                continue
             if current is not None and line.startswith(" " * width + " " * 7):  # a wrapped description
                 described[current] += " " + line.strip()
                 continue

@@ -25,6 +25,7 @@ from tests.graphs import tiny_classifier
 GOLDEN = Path(__file__).parent / "golden"
 # one method per kind of picture: CAM overlay, signed pixel heatmap (blended and not), unsigned pixel heatmap
 CASES = {"gradcam": (), "gradient-x-input": (), "gradient": (), "integrated-gradients": ("--blend",)}
+OPTIONS = {"integrated-gradients": ("--option", "steps=8")}
 REGOLDEN = os.environ.get("ONNX_SALIENCY_REGOLDEN") == "1"
 
 
@@ -46,7 +47,7 @@ def rendered(tmp_path_factory):
     for method, flags in CASES.items():
         folder = tmp / method
         result = CliRunner().invoke(main, ["explain", str(model), str(photo), "-m", method, "--out", str(folder),
-                                           "--option", "steps=8", "-q", *flags], catch_exceptions=False)
+                                           *OPTIONS.get(method, ()), "-q", *flags], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         out[method] = folder / "photo" / f"{method}.png"
     return out

@@ -15,6 +15,7 @@ from graph_passes._graph import attrs, consumers, initializers
 from ..errors import SaliencyError
 from ..output.postprocess import scale_cam_image
 from .base import Method, Request, Result
+from .options import Option
 
 
 def bilinear_align_corners(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -193,6 +194,9 @@ class ScoreCAM(CAMMethod):
 
     name = "scorecam"
     uses_gradients = False
+    options = (Option("variant", "choice", "pgc", "pgc: softmax over channels of the masked target logits "
+                      "(pytorch-grad-cam); official: target probability of each masked input (Wang et al.)",
+                      choices=("pgc", "official")),)
 
     def layer_map(self, A, G, req, out, layer):
         variant = req.option("variant", "pgc")

@@ -13,6 +13,7 @@ from graph_passes._graph import ancestors, attrs, tensor_infos
 from ..errors import SaliencyError
 from ..output.postprocess import resize_maps
 from .base import Method, Request, Result
+from .options import Option
 
 VARIANTS = ("original", "upsample")
 COMBINES = ("sum", "max", "mean", "none")
@@ -156,6 +157,27 @@ class GradualExtrapolation(Method):
 
     name = "gradual-extrapolation"
     uses_layer = True
+    options = (Option("base", "str", "gradcam", "the method whose map is extrapolated (-m gradual-extrapolation)"),
+               Option("ge_variant", "choice", "original", "original, or upsample (the 2023 revision)",
+                      choices=VARIANTS),
+               Option("ge_combine", "choice", "sum", "how an excitation's channels combine", choices=COMBINES),
+               Option("ge_input", "choice", "raw", "the shallowest excitation: raw, abs or skip",
+                      choices=INPUT_FACTORS),
+               Option("ge_scope", "choice", "layer", "layer: nodes below the base layer; all: every "
+                      "down-sampling node", choices=SCOPES))
+
+    def declared_options(self, given=None):
+        """Its own options and its base method's (`base` only where the base is chosen by option)."""
+        from . import get_method
+
+        own = {o.name: o for o in self.options if not (self.base is not None and o.name == "base")}
+        base = self.base
+        if base is None:
+            name = str((given or {}).get("base") or "gradcam")
+            base = get_method(name)
+            if isinstance(base, GradualExtrapolation):
+                raise SaliencyError(f"-m {self.name}: the base method cannot itself be gradual extrapolation")
+        return {**base.declared_options(given), **own}
 
     def __init__(self, base: Method | None = None):
         self.base = base

@@ -7,6 +7,7 @@ import numpy as np
 from ..errors import SaliencyError
 from .base import Request, Result
 from .cam import CAMMethod
+from .options import Option
 
 PROVISIONAL = ("guidance-cam: formula reconstructed from the paper's abstract (no official code, equations of "
                "its section 3.2 not retrieved); provisional, see methods-spec section 5.2")
@@ -23,6 +24,8 @@ class GuidanceCAM(CAMMethod):
     """
 
     name = "guidance-cam"
+    options = (Option("variant", "choice", "global", "global: rectify the aggregation by the guidance map; "
+                      "per-channel: rectify each channel", choices=VARIANTS),)
 
     def layer_map(self, A, G, req, out, layer):
         variant = self._variant(req)

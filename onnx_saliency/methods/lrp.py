@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .. import lrp as L
 from . import register
 from .base import Method, Request, Result
+from .options import COMPOSITE, HIGH, LOW, LRP_INITS, RULE_MAP, Option
 
 
 class LRP(Method):
@@ -21,6 +24,8 @@ class LRP(Method):
     uses_layer = False
     default_composite = L.DEFAULT_COMPOSITE
     default_init = "logit"
+    options = (replace(COMPOSITE, default=default_composite), RULE_MAP,
+               Option("init", "choice", default_init, "initial relevance", choices=LRP_INITS), LOW, HIGH)
 
     def relevance(self, req: Request) -> dict:
         low, high = req.options.get("low"), req.options.get("high")
@@ -52,6 +57,8 @@ class ExcitationBackprop(LRP):
     name = "excitation-backprop"
     default_composite = "excitation-backprop"
     default_init = "one"
+    options = (replace(COMPOSITE, default=default_composite), RULE_MAP,
+               Option("init", "choice", default_init, "initial relevance", choices=LRP_INITS), LOW, HIGH)
     signed = False
 
     def to_map(self, rel):

@@ -11,6 +11,7 @@ from graph_passes import lrp as R
 from .. import lrp as L
 from ..errors import SaliencyError
 from .base import Method, Request, Result
+from .options import Option
 from .gradual import extra_exposures, hand_over
 from .layer_maps import combine_layer_maps, spatial
 
@@ -75,6 +76,12 @@ class RelevanceCAM(Method):
     """
 
     name = "relevance-cam"
+    options = (Option("init", "choice", "clrp", "initial relevance", choices=tuple(HEAD_MODES)),
+               Option("relu", "bool", False, "rectify the map (the official code does not)"),
+               Option("conv_bias", "choice", "zennit", "conv bias handling: zennit (b+ in the denominator) or "
+                      "reference (the official code's quirk)", choices=("zennit", "reference")),
+               Option("stabilizer", "float", 1e-9, "epsilon of the z stabiliser", low=0.0, high=1.0),
+               Option("composite", "str", None, "an LRP composite instead of the reference rules"))
 
     def explain(self, req: Request) -> Result:
         if not req.layers:

@@ -24,6 +24,7 @@ from ..errors import SaliencyError
 from ..output.postprocess import minmax
 from . import register
 from .base import Method, Request, Result
+from .options import HIGH, LOW, LRP_INITS, RULE_MAP, Option
 
 HEATMAP_MODES = ("rgb_abs", "gray_abs", "gray_pos")
 
@@ -61,6 +62,14 @@ class SRMap(Method):
 
     name = "sr-map"
     uses_layer = False
+    options = (Option("composite", "str", "sr-reference", "LRP composite of step A"), RULE_MAP,
+               Option("init", "choice", "logit", "initial relevance", choices=LRP_INITS),
+               Option("heatmap_mode", "choice", "rgb_abs", "how |R| becomes an image", choices=HEATMAP_MODES),
+               Option("ca_resolution", "int", 250, "longest side of the context-aware saliency step", low=8,
+                      high=4096),
+               Option("ca_grid", "int", 48, "patch centres per side (0: the reference's dense search)", low=0,
+                      high=4096),
+               LOW, HIGH)
 
     def explain(self, req: Request) -> Result:
         comp = L.resolve_composite(req.engine, req.option("composite", "sr-reference"), req.options.get("rule_map"),

@@ -24,6 +24,7 @@ from ..engine import check_finite
 from ..errors import SaliencyError, UnsupportedModelError
 from . import register
 from .base import Method, Request, Result
+from .options import Option
 
 
 class TSGB(Method):
@@ -31,6 +32,8 @@ class TSGB(Method):
 
     name = "tsgb"
     uses_layer = False
+    options = (Option("classifier", "names", None, "the linear layers that get TSGB-FC, node names (default: "
+                      "found from the scores)"),)
 
     def explain(self, req: Request) -> Result:
         engine, model = req.engine, req.engine.model

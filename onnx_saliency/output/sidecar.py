@@ -6,8 +6,11 @@ killed run leaves whole files or none; :func:`outputs_complete` is what ``explai
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
+import string
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -17,7 +20,7 @@ import numpy as np
 from .. import __version__
 from ..intake.layers import module_of_tensor
 from .postprocess import DEFAULT_CLIP_PERCENTILE, figure, map_kind, render
-from .writers import write_json, write_npy, write_png
+from .writers import json_default, stale_temps, write_json, write_npy, write_png
 
 OUTPUT_SUFFIXES = (".npy", ".png", ".json")
 
@@ -83,7 +86,7 @@ def sidecar(explainer, result, index: int, image: Path, options: dict, picture: 
     target = int(result.targets[index])
     flat = result.maps[index]
     return {
-        "image": str(image),
+        "image": str(image), "output_name": output_name(image),  # the folder under --out
         "model": str(m.path), "model_sha256": m.sha256,
         "method": result.method, "layers": result.layers,
         "layer_modules": [module_of_tensor(m, t) for t in result.layers],  # torch module paths (dynamo exports)
@@ -95,11 +98,24 @@ def sidecar(explainer, result, index: int, image: Path, options: dict, picture: 
         "preprocessing": vars(explainer.preprocessing) if hasattr(explainer.preprocessing, "__dict__") else str(
             explainer.preprocessing),
         "assumptions": list(getattr(explainer, "assumptions", [])),  # chosen without the user's or model's word
-        "options": {k: v for k, v in {**options, **result.options}.items() if not isinstance(v, np.ndarray)},
+        # every option the method declares, as used (given or default), then what the method reports using
+        "options": options_used(explainer, result, options),
+        # what decides the map besides model and image, as asked: `explain --resume` compares it
+        "settings": (result.settings[index] if getattr(result, "settings", None) is not None else None),
         "notes": result.notes,
         "versions": versions(),
         "execution_provider": explainer.engine.active_provider(),
     }
+
+
+def options_used(explainer, result, options: dict) -> dict:
+    """Every option the method declares, as used (given, else its default; an array only by its shape), then
+    what the method reports using (a resolved composite, say). Options of the run's other methods are left out."""
+    used = {}
+    for name, opt in explainer.options_of(result.method, options).items():
+        value = opt.default if options.get(name) is None else opt.parse(options[name], result.method)
+        used[name] = f"<array {list(value.shape)}>" if isinstance(value, np.ndarray) else value
+    return {**used, **{k: v for k, v in result.options.items() if not isinstance(v, np.ndarray)}}
 
 
 def write_outputs(explainer, result, images: list[Path], out: Path, options: dict) -> None:
@@ -108,25 +124,49 @@ def write_outputs(explainer, result, images: list[Path], out: Path, options: dic
 
 
 def output_paths(out: Path, image: Path, method: str) -> list[Path]:
-    return [out / image.stem / f"{method}{suffix}" for suffix in OUTPUT_SUFFIXES]
+    return [out / output_name(image) / f"{method}{suffix}" for suffix in OUTPUT_SUFFIXES]
+
+
+_ESCAPE_KEEPS = frozenset(string.ascii_letters + string.digits + "-_ ")
+MAX_NAME = 200  # bytes; file systems allow 255 per name
+
+
+def output_name(image) -> str:
+    """The folder an image's outputs go to, under --out: its stem when that is a plain name, else the stem's
+    bytes percent-encoded (`%2E%2E` for the stem `..`, `%FF` for a byte that is not UTF-8).
+
+    Plain: printable UTF-8, no leading dot (`.`, `..`, hidden folders), no `%`, no path separator, at most
+    MAX_NAME bytes. Escaped names always hold a `%` and plain names never do, so two images never share a
+    folder, and the name can never leave --out. The sidecar records the image's path and this name."""
+    stem = Path(str(image)).stem
+    raw = os.fsencode(stem)
+    plain = (stem and stem.isprintable() and not stem.startswith(".") and not set(stem) & set("%/\\:")
+             and len(raw) <= MAX_NAME)
+    if plain:
+        return stem
+    name = "".join(chr(b) if chr(b) in _ESCAPE_KEEPS else f"%{b:02X}" for b in raw) or "%"
+    if len(name) > MAX_NAME:  # the escaped form grows up to 3x: cut it and keep it unique by a digest
+        name = name[:MAX_NAME - 20] + "%~" + hashlib.sha256(raw).hexdigest()[:16]
+    return name
 
 
 def write_image_outputs(explainer, result, i: int, image: Path, out: Path, options: dict,
                         rendering: Rendering = Rendering()) -> None:
     """The map, picture and sidecar of image `i` of `result`; the JSON goes last, so it marks completion."""
     npy, png, sidecar_path = output_paths(out, image, result.method)
-    for stale in npy.parent.glob(".*.tmp") if npy.parent.is_dir() else ():
-        if stale.name.startswith(tuple("." + p.name for p in (npy, png, sidecar_path))):
-            stale.unlink(missing_ok=True)  # left by a run killed between writing and renaming
+    for target in (npy, png, sidecar_path):
+        for stale in stale_temps(target):  # left by a run killed between writing and renaming
+            stale.unlink(missing_ok=True)
     write_npy(npy, result.maps[i].astype(np.float32))
     rgb, about = annotated_picture(explainer, result, i, rendering)
     write_png(png, rgb)
     write_json(sidecar_path, sidecar(explainer, result, i, image, options, about))
 
 
-def outputs_complete(out: Path, image: Path, method: str, model_sha256: str) -> bool:
+def outputs_complete(out: Path, image: Path, method: str, model_sha256: str, settings: dict | None = None) -> bool:
     """True when the three outputs of (image, method) exist, load, agree on the map shape, and the sidecar
-    names this method and model; options are not compared (changing them needs a fresh --out or no --resume).
+    names this method and model and, where `settings` is given, was made with those settings (layer, target,
+    preprocessing, options: `Explainer.run_settings`); outputs made otherwise are redone.
     """
     npy, png, sidecar_path = output_paths(out, image, method)
     try:
@@ -136,6 +176,8 @@ def outputs_complete(out: Path, image: Path, method: str, model_sha256: str) -> 
     except (OSError, ValueError, EOFError):
         return False
     if not isinstance(meta, dict) or meta.get("method") != method or meta.get("model_sha256") != model_sha256:
+        return False
+    if settings is not None and meta.get("settings") != json.loads(json.dumps(settings, default=json_default)):
         return False
     shape = meta.get("map", {}).get("shape") if isinstance(meta.get("map"), dict) else None
     drawn = meta.get("picture", {}).get("shape") if isinstance(meta.get("picture"), dict) else None
