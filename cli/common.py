@@ -124,8 +124,17 @@ class CompositeOption(click.Option):
         from onnx_saliency.lrp import COMPOSITES
 
         if not getattr(self, "_listed", False):
-            self.help = (f"{self.help or ''} One of: {', '.join(sorted(COMPOSITES))}; each but excitation-backprop "
-                         "also as NAME-nobias (biases zeroed: docs/lrp-bias.md).").strip()
+            # wrapped here, at commas, in a block Click keeps as is (\b): its own wrapping breaks names at hyphens
+            words = [f"{n}," for n in sorted(COMPOSITES)] + ["each", "but", "excitation-backprop", "also", "as",
+                                                             "NAME-nobias", "(biases", "zeroed:", "docs/lrp-bias.md)."]
+            lines, line = [], "One of:"
+            for word in words:
+                if len(line) + 1 + len(word) > 44:
+                    lines.append(line)
+                    line = word
+                else:
+                    line = f"{line} {word}"
+            self.help = f"{self.help or ''}\n\n\b\n" + "\n".join(lines + [line])
             self._listed = True
         return super().get_help_record(ctx)
 

@@ -212,9 +212,10 @@ def test_convtranspose_layer_rules_match_their_definition(tmp_path):
     np.testing.assert_allclose(zp["relevance"]["x"], x * jt, rtol=1e-4, atol=1e-6)
 
 
-def test_products_of_independent_activations_stay_refused(tmp_path):
-    """Attention's softmax(q k^T) v and a product of two unrelated branches have no rule here (AttnLRP's rule is
-    a separate step): the error names them, per op type, on one line."""
+def test_products_of_activations_take_attnlrps_rules(tmp_path):
+    """Attention's softmax(q k^T) v and a product of two unrelated branches: the uniform rule (half of the
+    relevance to each operand, so the node conserves), the Softmax its z-rule through its Jacobian; CP-LRP holds
+    the attention probabilities fixed, so nothing reaches the Softmax and `mix` hands all its relevance to q."""
     rng = np.random.default_rng(4)
     nodes = [_n("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), _n("Conv", ["x", "w2"], ["b"], pads=[1, 1, 1, 1]),
              _n("Mul", ["a", "b"], ["ab"], name="branch_product"),
@@ -226,12 +227,16 @@ def test_products_of_independent_activations_stay_refused(tmp_path):
                        {"w1": _w(rng, 4, 3, 3, 3), "w2": _w(rng, 4, 3, 3, 3), "flat_hw": np.array([0, 4, 16], np.int64),
                         "ax": np.array([2], np.int64)}, opset=18)
     engine = _engine(model, tmp_path)
-    with pytest.raises(UnsupportedModelError) as err:
-        lrp.relevance_at(engine, _x((3, 4, 4)), composite="epsilon")
-    msg = str(err.value)
-    assert "\n" not in msg
-    assert ("no relevance rule for 4 node(s): Mul (1: branch_product); MatMul (2: scores, mix); "
-            "Softmax (1: softmax)") in msg
+    x = _x((3, 4, 4))
+    rows = {r["node"]: r for r in lrp.conservation_table(engine, x, composite="epsilon")}
+    assert rows["mix"]["rule"].startswith("uniform") and rows["softmax"]["rule"].startswith("norm")
+    for name in ("branch_product", "scores", "mix"):
+        r = rows[name]
+        np.testing.assert_allclose(r["in"], r["out"], rtol=1e-4, atol=1e-6 * np.abs(r["out"]).max())
+    cp = {r["node"]: r for r in lrp.conservation_table(engine, x, composite="cp-lrp")}
+    assert "softmax" not in cp and "scores" not in cp  # no relevance reaches them
+    np.testing.assert_allclose(cp["mix"]["in"], cp["mix"]["out"], rtol=1e-4, atol=1e-6)
+    assert not np.allclose(cp["branch_product"]["out"], rows["branch_product"]["out"])
 
 
 def test_decomposed_gelu_and_mish_variants_are_gates():

@@ -41,6 +41,9 @@ class LRPAnalysis:
     activations: set = field(default_factory=set)     # tensors that depend on a graph input
     floor_zero: set = field(default_factory=set)      # Relu and Clip(0, .) nodes: output <= 0 iff input <= 0
     normalising_divs: set = field(default_factory=set)  # Div nodes whose divisor is computed from the numerator
+    products: dict = field(default_factory=dict)      # MatMul/Mul of two activations (not a gate) -> the index of
+                                                      # the operand holding attention probabilities (a Softmax
+                                                      # seen through data movement), -1 when neither does
 
 
 _NONNEG_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
@@ -161,6 +164,10 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                     signal = _pointwise_signal(node, prod, live, inits)
                     if signal is not None:
                         a.gates[node.name] = signal
+        if op in ("MatMul", "Mul") and len(node.input) == 2 and all(i in live for i in node.input) \
+                and node.name not in a.gates:
+            probs = [_softmax_behind(i, prod) for i in node.input]
+            a.products[node.name] = probs.index(True) if probs.count(True) == 1 else -1
         if op == "Div" and len(node.input) == 2 and all(i in live for i in node.input):
             if node.input[0] in ancestors(g, [node.input[1]]):
                 a.normalising_divs.add(node.name)
@@ -223,6 +230,23 @@ def _pointwise_signal(node: onnx.NodeProto, prod: dict, live: set, inits) -> int
         if _pointwise_of(gate, s, prod, live) or (source != s and _pointwise_of(gate, source, prod, live)):
             return signal
     return None
+
+
+_MOVES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Cast", "Flatten", "Expand"}
+
+
+def _softmax_behind(t: str, prod: dict, depth: int = 8) -> bool:
+    """`t` is a Softmax output seen through data movement (the attention probabilities of a block)."""
+    for _ in range(depth):
+        node = prod.get(t)
+        if node is None:
+            return False
+        if node.op_type == "Softmax":
+            return True
+        if node.op_type not in _MOVES:
+            return False
+        t = node.input[0]
+    return False
 
 
 def positive_support(rules: Mapping[str, LRPRule], analysis: LRPAnalysis, start: str | None) -> set:

@@ -34,7 +34,9 @@ class Group:
 
 @dataclass(frozen=True)
 class LRPRule:
-    """One propagation rule. kind: linear | pass | norm | gradient | gate | proportional (MaxPool)."""
+    """One propagation rule. kind: linear | pass | norm | gradient | gate | proportional (MaxPool) | uniform
+    (products of two activations; CP-LRP's variant marks its one group "stop-attention") | fixed-normaliser
+    (LayerNormalization)."""
 
     name: str
     kind: str = "linear"
@@ -44,10 +46,14 @@ class LRPRule:
     low: tuple | None = None
     high: tuple | None = None
     bias: str = "keep"  # BIAS_MODES; a "zero" rule's terms all carry bias "zero" (see with_bias)
+    # "fuse": a layer's affine tail (BatchNorm, bias Add) is part of its weights and bias, as zennit's canonizers;
+    # "pass": the rule sees the layer's own weights and bias and the tail passes relevance unchanged (the
+    # Relevance-CAM reference code's BatchNorm2d.relprop)
+    tails: str = "fuse"
 
     def describe(self) -> str:
         extra = []
-        if self.kind in ("linear", "norm", "proportional"):
+        if self.kind in ("linear", "norm", "proportional", "uniform", "fixed-normaliser"):
             extra.append(f"eps={self.eps:g}")
         if self.gamma:
             extra.append(f"gamma={self.gamma:g}")
@@ -147,6 +153,13 @@ def WinnerTakeAll() -> LRPRule:
     return LRPRule("wta", kind="gradient")
 
 
+def UnpoolOverwrite() -> LRPRule:
+    """MaxPool as the SR-map reference notebook routes relevance: torch's max_unpool2d, which writes each window's
+    relevance at its argmax, so where overlapping windows share an argmax the last window (row-major) overwrites
+    the others instead of adding to them. Not conserving; only for reproducing that code."""
+    return LRPRule("wta-overwrite", kind="unpool-overwrite")
+
+
 def Proportional(stabilizer: float = 1e-6) -> LRPRule:
     """MaxPool alternative: split each window's relevance in proportion to its inputs."""
     return LRPRule("proportional", kind="proportional", eps=stabilizer)
@@ -155,6 +168,27 @@ def Proportional(stabilizer: float = 1e-6) -> LRPRule:
 def Gate() -> LRPRule:
     """Mul: the gate (constant, or the Sigmoid/HardSigmoid branch) is held fixed; all relevance to the signal."""
     return LRPRule("gate", kind="gate")
+
+
+def Uniform(stabilizer: float = 1e-6) -> LRPRule:
+    """AttnLRP's uniform rule for a product of two activations (MatMul, Mul): each operand gets half of the
+    proportional (z-rule) share, R_a = 1/2 a (.) J_a^T (R / stab(y)), likewise b; a bilinear map's two shares
+    each sum to half of R (Achtibat et al. 2024, eq. 7)."""
+    return LRPRule("uniform", kind="uniform", eps=stabilizer)
+
+
+def Conservative(stabilizer: float = 1e-6) -> LRPRule:
+    """CP-LRP (Ali et al. 2022) on attention: the attention probabilities are held fixed, so all relevance of
+    A @ V goes to V (the z-rule in V) and none reaches the Softmax, Q or K. Products without a Softmax operand
+    fall back to the uniform rule."""
+    return LRPRule("cp", kind="uniform", eps=stabilizer, groups=(Group((), mask="stop-attention"),))
+
+
+def FixedNormaliser(stabilizer: float = 1e-6) -> LRPRule:
+    """LayerNormalization with its standard deviation held fixed (AttnLRP's identity rule on the normaliser,
+    LXT's stop-gradient on std): what is left, centring and the affine scale and shift, is linear in x and
+    takes the z-rule, R_x = x (.) J^T (R / stab(y)); the shift absorbs its share like a bias."""
+    return LRPRule("fixed-normaliser", kind="fixed-normaliser", eps=stabilizer)
 
 
 RULE_FACTORIES = {
@@ -169,7 +203,11 @@ RULE_FACTORIES = {
     "wsquare": lambda p: WSquare(p.get("stabilizer", 1e-6)), "w2": lambda p: WSquare(p.get("stabilizer", 1e-6)),
     "pass": lambda p: Pass(), "norm": lambda p: Norm(p.get("stabilizer", 1e-6)),
     "gradient": lambda p: Gradient(), "wta": lambda p: WinnerTakeAll(),
+    "wta-overwrite": lambda p: UnpoolOverwrite(),
     "proportional": lambda p: Proportional(p.get("stabilizer", 1e-6)), "gate": lambda p: Gate(),
+    "uniform": lambda p: Uniform(p.get("stabilizer", 1e-6)), "cp": lambda p: Conservative(p.get("stabilizer", 1e-6)),
+    "fixed-normaliser": lambda p: FixedNormaliser(p.get("stabilizer", 1e-6)),
+    "fixednormaliser": lambda p: FixedNormaliser(p.get("stabilizer", 1e-6)),
 }
 
 

@@ -21,7 +21,7 @@ trained networks such biases absorb most of the relevance: docs/lrp-bias.md has 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -93,6 +93,11 @@ class Composite:
                     break
             if rule is None and node.name not in a.linear:
                 rule = overrides.get(node.op_type) if node.name not in a.tail_of else None
+                if rule is not None:
+                    try:  # an override binds the nodes of its op type it can apply to (CP-LRP: products only)
+                        R.check_rule(rule, node, a)
+                    except gp.GraphPassError:
+                        rule = None
                 rule = rule or R.base_rule(node, a, self.stabilizer)
             if rule is not None:
                 try:
@@ -111,7 +116,7 @@ class Composite:
         if bias == "keep":
             return self
         entries = tuple((m, R.with_bias(r, bias)) for m, r in self.entries)
-        return Composite(f"{self.name}-nobias", entries, self.base_overrides, self.stabilizer)
+        return replace(self, name=f"{self.name}-nobias", entries=entries)
 
 
 CONV, DENSE, ANY_LINEAR = Match(op=("conv",)), Match(op=("dense",)), Match(op=("linear",))
@@ -154,6 +159,29 @@ def excitation_backprop(stabilizer=1e-6) -> Composite:
                                      ("Tanh", grad), ("BatchNormalization", grad)), stabilizer=stabilizer)
 
 
+def _layer_rule(gamma, epsilon, stabilizer):
+    return R.Gamma(float(gamma), stabilizer) if gamma else R.Epsilon(epsilon)
+
+
+def attnlrp(epsilon=1e-6, conv_gamma=0.0, dense_gamma=0.0, stabilizer=1e-6) -> Composite:
+    """AttnLRP (Achtibat et al., ICML 2024): epsilon on every weighted layer (or the gamma rule with
+    conv_gamma / dense_gamma > 0, as LXT's tuned ViT heatmaps), the uniform rule on products of two activations
+    (attention's Q K^T and A V, gating), Softmax by its Jacobian times the input, LayerNormalization with its
+    standard deviation held fixed, GELU / SiLU and other pointwise activations as identity (the base map)."""
+    return Composite("attnlrp", ((CONV, _layer_rule(conv_gamma, epsilon, stabilizer)),
+                                 (DENSE, _layer_rule(dense_gamma, epsilon, stabilizer))),
+                     base_overrides=(("LayerNormalization", R.FixedNormaliser(stabilizer)),), stabilizer=stabilizer)
+
+
+def cp_lrp(epsilon=1e-6, conv_gamma=0.0, dense_gamma=0.0, stabilizer=1e-6) -> Composite:
+    """CP-LRP (Ali et al. 2022) inside attention, AttnLRP outside (LXT's `cp_LRP` map for torchvision ViT): the
+    attention probabilities are held fixed, so no relevance flows into the Softmax, Q or K."""
+    base = attnlrp(epsilon, conv_gamma, dense_gamma, stabilizer)
+    cp = R.Conservative(stabilizer)
+    return Composite("cp-lrp", base.entries, base.base_overrides + (("MatMul", cp), ("Mul", cp)),
+                     stabilizer=stabilizer)
+
+
 def uniform(rule: R.LRPRule, name: str | None = None, stabilizer: float = 1e-6) -> Composite:
     """The same rule on every linear layer (LRP-0, epsilon, z+ ...), base map elsewhere (Norm with
     `stabilizer`; 0 = exact proportional split, 0 where the sum is 0)."""
@@ -163,7 +191,7 @@ def uniform(rule: R.LRPRule, name: str | None = None, stabilizer: float = 1e-6) 
 COMPOSITES = {
     "epsilon-plus-flat": epsilon_plus_flat, "epsilon-plus": epsilon_plus, "epsilon-gamma-box": epsilon_gamma_box,
     "epsilon-alpha2-beta1": epsilon_alpha2_beta1, "epsilon-alpha2-beta1-flat": epsilon_alpha2_beta1_flat,
-    "excitation-backprop": excitation_backprop,
+    "excitation-backprop": excitation_backprop, "attnlrp": attnlrp, "cp-lrp": cp_lrp,
     "lrp0": lambda **k: uniform(R.LRP0(), "lrp0", stabilizer=0.0), "epsilon": lambda **k: uniform(R.Epsilon(), "epsilon"),
     "zplus": lambda **k: uniform(R.ZPlus(), "zplus"),
     "alpha1-beta0": lambda **k: uniform(R.AlphaBeta(1, 0), "alpha1-beta0"),

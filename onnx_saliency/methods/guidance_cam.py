@@ -42,6 +42,9 @@ class GuidanceCAM(CAMMethod):
         return variant
 
     def explain(self, req: Request) -> Result:
+        if str(req.option("reference", "false")).lower() not in ("false", "0"):
+            raise SaliencyError("--option reference: guidance-cam has no reference code to reproduce (the authors "
+                                "published none; the formula is reconstructed from the abstract, methods-spec 5.2)")
         variant = self._variant(req)  # a bad variant fails before any onnxruntime work
         result = super().explain(req)
         result.options["variant"] = variant
