@@ -68,7 +68,7 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     written (the run stops there); 130 interrupted. Outputs are whole files or absent: rerun with --resume to finish.
     """
     from onnx_saliency.output.batch import explain_images
-    from onnx_saliency.output.sidecar import write_image_outputs
+    from onnx_saliency.output.sidecar import outputs_complete, write_image_outputs
     from onnx_saliency.methods import get_method
     from onnx_saliency.intake.preprocess import MAX_PIXELS
 
@@ -122,8 +122,9 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
                                  layer=layer_spec if len(layer_spec) > 1 else layer_spec[0], targets=targets,
                                  batch_size=batch_size, options=options, max_pixels=max_pixels or MAX_PIXELS,
                                  resume=resume, on_failure=lambda line: bar.echo(f"error: {line}"),
-                                 on_progress=bar.update, write=functools.partial(write_image_outputs,
-                                                                                 rendering=rendering))
+                                 on_progress=bar.update,
+                                 write=functools.partial(write_image_outputs, rendering=rendering),
+                                 complete=functools.partial(outputs_complete, rendering=rendering))
     for image, method, value in outcome.constant:
         click.echo(f"warning: {image}: the {method} map is constant ({value:g}); saved as is, not normalised")
     if report:

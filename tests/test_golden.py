@@ -80,5 +80,6 @@ def test_sidecar_says_how_the_picture_was_drawn(rendered):
     meta = json.loads(rendered["integrated-gradients"].with_suffix(".json").read_text())
     pic = meta["picture"]
     assert pic["kind"] == "signed" and pic["blend"] is True and pic["clip_percentile"] == 99.5
+    assert pic["min_height"] == 224
     assert pic["colour_bar"]["lo"] == -pic["colour_bar"]["hi"] < 0
     assert "red +, blue -, white 0" in pic["colour_bar"]["caption"]

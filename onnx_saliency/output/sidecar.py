@@ -78,7 +78,8 @@ def annotated_picture(explainer, result, index: int, rendering: Rendering = Rend
                          clip_percentile=rendering.clip_percentile, blend=rendering.blend)
     rgb = figure(heat, scale, picture_title(explainer, result, index), min_height=rendering.min_height)
     return rgb, {"kind": kind, "shape": list(rgb.shape[:2]), "colour_bar": scale.as_dict(),
-                 "clip_percentile": rendering.clip_percentile, "blend": rendering.blend}
+                 "clip_percentile": rendering.clip_percentile, "blend": rendering.blend,
+                 "min_height": rendering.min_height}
 
 
 def sidecar(explainer, result, index: int, image: Path, options: dict, picture: dict | None = None) -> dict:
@@ -163,10 +164,12 @@ def write_image_outputs(explainer, result, i: int, image: Path, out: Path, optio
     write_json(sidecar_path, sidecar(explainer, result, i, image, options, about))
 
 
-def outputs_complete(out: Path, image: Path, method: str, model_sha256: str, settings: dict | None = None) -> bool:
+def outputs_complete(out: Path, image: Path, method: str, model_sha256: str, settings: dict | None = None,
+                     rendering: Rendering | None = None) -> bool:
     """True when the three outputs of (image, method) exist, load, agree on the map shape, and the sidecar
     names this method and model and, where `settings` is given, was made with those settings (layer, target,
-    preprocessing, options: `Explainer.run_settings`); outputs made otherwise are redone.
+    preprocessing, options: `Explainer.run_settings`) and, where `rendering` is given, its picture was drawn
+    that way; outputs made otherwise are redone.
     """
     npy, png, sidecar_path = output_paths(out, image, method)
     try:
@@ -180,7 +183,11 @@ def outputs_complete(out: Path, image: Path, method: str, model_sha256: str, set
     if settings is not None and meta.get("settings") != json.loads(json.dumps(settings, default=json_default)):
         return False
     shape = meta.get("map", {}).get("shape") if isinstance(meta.get("map"), dict) else None
-    drawn = meta.get("picture", {}).get("shape") if isinstance(meta.get("picture"), dict) else None
+    pic = meta.get("picture") if isinstance(meta.get("picture"), dict) else {}
+    drawn = pic.get("shape")
+    if rendering is not None and (pic.get("clip_percentile"), pic.get("blend"), pic.get("min_height")) != (
+            rendering.clip_percentile, rendering.blend, rendering.min_height):
+        return False
     return (saliency.ndim == 2 and saliency.dtype == np.float32 and list(saliency.shape) == shape
             and isinstance(drawn, list) and picture_hw == tuple(drawn) and bool(np.isfinite(saliency).all()))
 
