@@ -12,7 +12,7 @@ from .common import CompositeOption, echo_rewrite_report, explainer_from_options
 
 @click.command()
 @click.argument("model", type=click.Path())
-@click.option("--composite", cls=CompositeOption, default="epsilon-plus-flat", show_default=True,
+@click.option("--composite", cls=CompositeOption, default="epsilon-plus-flat-nobias", show_default=True,
               help="LRP composite: which rule each kind of layer gets.")
 @click.option("--rule-map", type=click.Path(), default=None, help="JSON rule map (overrides --composite).")
 @click.option("--report", is_flag=True, help="Also print what canonicalisation did, node by node.")
