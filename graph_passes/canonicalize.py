@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper, version_converter
 
 from ._graph import (MIN_IR, MIN_OPSET, GraphPassError, attrs, checked, clone, consumers, graph_inputs, infer,
-                     initializers, opset_of, producers, tensor_infos, unique_node_names)
+                     initializers, opset_of, producers, tensor_array, tensor_infos, unique_node_names)
 from .fuse_affine import fuse_affine as fuse_affine_pass
 from .precision import to_float32
 from .shape_probe import probe_shapes
@@ -205,12 +205,12 @@ def _fold_batchnorm(m: onnx.ModelProto, report: CanonicalizeReport) -> None:
                                                           and src.input[2] not in inits):
             report.kept_bn.append(bn.name)
             continue
-        gamma, beta, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
+        gamma, beta, mean, var = (tensor_array(p).astype(np.float64) for p in params)
         scale = gamma / np.sqrt(var + a.get("epsilon", 1e-5))
         w_t = inits[src.input[1]]
-        w = numpy_helper.to_array(w_t).astype(np.float64)
+        w = tensor_array(w_t).astype(np.float64)
         has_bias = len(src.input) > 2 and src.input[2]
-        b = numpy_helper.to_array(inits[src.input[2]]).astype(np.float64) if has_bias else np.zeros(len(scale))
+        b = tensor_array(inits[src.input[2]]).astype(np.float64) if has_bias else np.zeros(len(scale))
         if src.op_type == "Conv":
             w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
         elif attrs(src).get("transB", 0):
@@ -221,7 +221,7 @@ def _fold_batchnorm(m: onnx.ModelProto, report: CanonicalizeReport) -> None:
         b = (b - mean) * scale + beta
         # fresh initializer names: the originals may be shared with other nodes
         w_name, b_name = f"{src.name or src.output[0]}/W_bnfolded", f"{src.name or src.output[0]}/B_bnfolded"
-        g.initializer.append(numpy_helper.from_array(w.astype(numpy_helper.to_array(w_t).dtype), w_name))
+        g.initializer.append(numpy_helper.from_array(w.astype(tensor_array(w_t).dtype), w_name))
         g.initializer.append(numpy_helper.from_array(b.astype(np.float32), b_name))
         src.input[1] = w_name
         if has_bias:

@@ -14,7 +14,7 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 import graph_passes as gp
-from graph_passes._graph import graph_inputs, producers, skeleton, tensor_infos
+from graph_passes._graph import WeightStore, externalize, graph_inputs, producers, skeleton, tensor_infos
 from graph_passes.precision import HALF
 
 from ..errors import SaliencyError, UnsupportedModelError
@@ -42,6 +42,8 @@ class LoadedModel:
     labels: list | None = None
     batch: int | None = None   # the image input's static batch (plain torch exports: 1); None where dynamic
     module_cache: dict | None = field(default=None, repr=False, compare=False)  # layers.module_paths
+    # the large weights of `canonical` and `original`, each held once (graph_passes._graph.WeightStore)
+    weights: WeightStore | None = field(default=None, repr=False, compare=False)
 
     def label(self, index: int) -> str:
         if self.labels and 0 <= index < len(self.labels):
@@ -334,10 +336,29 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     cdims = _find_image_input(canonical, path).type.tensor_type.shape.dim
     static = [d.dim_value if d.HasField("dim_value") else None for d in cdims]
     metadata = {p.key: p.value for p in original.metadata_props}
+    weights = hold_weights_once(original, canonical)
     return LoadedModel(path=path, sha256=sha256_of(path), original=original, canonical=canonical, report=report,
                        input_name=image.name, layout=layout, input_hw=(static[2], static[3]),
                        channels=static[1] or 3, output_name=output_name, score_tensor=score, num_classes=classes,
-                       metadata=metadata, labels=labels_from_metadata(metadata), batch=static[0] or None)
+                       metadata=metadata, labels=labels_from_metadata(metadata), batch=static[0] or None,
+                       weights=weights)
+
+
+def hold_weights_once(original: onnx.ModelProto, canonical: onnx.ModelProto) -> WeightStore:
+    """Move the large weights of both graphs into one store, in place: every rewrite after this clones and
+    serialises structure only, and onnxruntime reads the store's arrays (Engine.session). A weight the original
+    shares with the canonical graph (the same name and values: all but folded BatchNorms) is held once."""
+    store = WeightStore()
+    externalize(canonical, store)
+    for i, t in enumerate(original.graph.initializer):
+        if t.name in store.arrays and t.data_location != onnx.TensorProto.EXTERNAL:
+            same = store.arrays[t.name]
+            if tuple(t.dims) == same.shape and t.data_type == onnx.helper.np_dtype_to_tensor_dtype(same.dtype) \
+                    and numpy_helper.to_array(t).tobytes() == same.tobytes():
+                original.graph.initializer[i].CopyFrom(store.placeholder(t.name, t.name))
+    externalize(original, store, prefix="original/")
+    release_freed_memory()
+    return store
 
 
 def _guess_layout(dims) -> str:
