@@ -88,7 +88,8 @@ class WeightStore:
         self.arrays: dict[str, np.ndarray] = {}
         self._counter = itertools.count()
         self._ortvalues: dict = {}
-        self.memo: dict = {}  # weights derived from these (LRP's modified weights), by what derives them
+        self.memo: dict = {}  # derived weights by digest of their values -> key (each kept once)
+        self._own_digests: dict = {}
         _STORES[self.id] = self
 
     def __getstate__(self):  # ships to scale-out actors with its LoadedModel; OrtValues are per process
@@ -97,6 +98,7 @@ class WeightStore:
     def __setstate__(self, state):
         self.id, self.arrays = state["id"], state["arrays"]
         self._counter, self._ortvalues, self.memo = itertools.count(len(self.arrays)), {}, {}
+        self._own_digests = {}
         _STORES.setdefault(self.id, self)
 
     @property
@@ -122,12 +124,39 @@ class WeightStore:
         """A placeholder for a derived weight, kept once however many graphs derive the same values (one hash,
         no copy); its key is dropped with the last session that uses it (see drop)."""
         array = np.ascontiguousarray(array)
-        digest = (array.dtype.str, array.shape, hashlib.blake2b(array.data, digest_size=20).digest())
+        digest = _digest(array)
         key = self.memo.get(digest)
+        if key is None:  # the model's own weight, computed again (LRP's "w" rules): the original is shared
+            key = next((k for k, a in self.arrays.items() if not k.startswith("derived/") and a.shape == array.shape
+                        and a.dtype == array.dtype and self._own_digest(k) == digest), None)
         if key is None or key not in self.arrays:
             key = self.put(name, array).external_data[0].value.rpartition(f"{self.id}/")[2]
             self.memo[digest] = key
         return self.placeholder(name, key)
+
+    def _own_digest(self, key: str) -> tuple:
+        """The digest of one of the model's own weights, computed once (only for same-shaped candidates)."""
+        if key not in self._own_digests:
+            self._own_digests[key] = _digest(self.arrays[key])
+        return self._own_digests[key]
+
+    def pin(self, model: onnx.ModelProto) -> None:
+        """Make the derived weights `model` refers to the model's own (kept for good, under stable keys named
+        after their tensors: a canonical graph's folded BatchNorms), in place."""
+        moved: dict[str, str] = {}
+        for t in model.graph.initializer:
+            ref = placeholder_ref(t)
+            if ref is None or ref[0] != self.id or not ref[1].startswith("derived/"):
+                continue
+            if ref[1] not in moved:  # one array may back several initializers (same values)
+                key = f"model/{t.name}"
+                while key in self.arrays:
+                    key += "+"
+                self.arrays[key] = self.arrays.pop(ref[1])
+                self._ortvalues.pop(ref[1], None)
+                moved[ref[1]] = key
+            t.external_data[0].value = f"{STORE_LOCATION}{self.id}/{moved[ref[1]]}"
+        self.memo = {d: moved.get(k, k) for d, k in self.memo.items()}
 
     def drop(self, keys) -> None:
         """Forget derived weights (never the model's own): their last session is gone."""
@@ -144,6 +173,10 @@ class WeightStore:
 
             self._ortvalues[key] = ort.OrtValue.ortvalue_from_numpy(self.arrays[key])
         return self._ortvalues[key]
+
+
+def _digest(array: np.ndarray) -> tuple:
+    return array.dtype.str, array.shape, hashlib.blake2b(array.data, digest_size=20).digest()
 
 
 def placeholder_ref(t: onnx.TensorProto) -> tuple[str, str] | None:
@@ -179,8 +212,9 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
 
 def externalize(model: onnx.ModelProto, store: WeightStore, min_elements: int | None = None,
                 prefix: str = "") -> onnx.ModelProto:
-    """Move every initializer of at least `min_elements` elements into `store` (key: `prefix` + its name), in
-    place; returns `model`."""
+    """A copy of `model` whose initializers of at least `min_elements` elements are placeholders for arrays in
+    `store` (key: `prefix` + name). `model` is emptied of them: drop it, for protobuf frees a message's memory
+    only with the whole message (its arena), so the weights leave memory with the old model, not before."""
     limit = _SKELETON_MIN_ELEMENTS if min_elements is None else min_elements
     inits = model.graph.initializer
     for i, t in enumerate(inits):
@@ -188,9 +222,11 @@ def externalize(model: onnx.ModelProto, store: WeightStore, min_elements: int | 
             continue
         if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
             continue
-        array = numpy_helper.to_array(t)
-        inits[i].CopyFrom(store.put(t.name, array, prefix + t.name))  # the placeholder replaces the data (freed here)
-    return model
+        key = prefix + t.name
+        while key in store.arrays:  # a name reused for other values (a float16 weight widened in place)
+            key += "+"
+        inits[i].CopyFrom(store.put(t.name, numpy_helper.to_array(t), key))
+    return clone(model)
 
 
 def materialize(model: onnx.ModelProto, keep=None) -> onnx.ModelProto:

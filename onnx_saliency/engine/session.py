@@ -122,7 +122,8 @@ class Engine:
         """Derived weights only the dropped session `key` used leave the store with it."""
         keys = self._weight_keys.pop(key, set())
         if self.model.weights is not None:
-            self.model.weights.drop(keys.difference(*self._weight_keys.values()))
+            kept = placeholder_keys(self.model.canonical).union(*self._weight_keys.values())
+            self.model.weights.drop(keys - kept)
 
     def drop_sessions(self) -> None:
         """Forget every cached session, and with it onnxruntime's copy of the weights and its arenas; the next

@@ -315,7 +315,11 @@ def release_freed_memory() -> None:
 def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     """fuse_affine: also fold bias Adds, MatMul heads and per-channel scale/shift into their layers (audits)."""
     path = Path(path)
-    original = read_model(path)
+    # from here on every large weight is held once, in `weights`; the graphs hold placeholders for them, so
+    # canonicalisation and every rewrite after it copy and serialise structure only
+    weights = WeightStore()
+    original = externalize(read_model(path), weights)
+    release_freed_memory()
     image = _find_image_input(original, path)
     dims = image.type.tensor_type.shape.dim
     quiet_onnxruntime()  # constant folding runs onnxruntime sessions of onnx-graphsurgeon's
@@ -323,6 +327,8 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
         canonical, report = gp.canonicalize(original, fuse_affine=fuse_affine, return_report=True)
     except gp.GraphPassError as err:
         raise SaliencyError(f"{path}: {err}") from err
+    canonical = externalize(canonical, weights)  # weights canonicalize computed (folded BatchNorms, constants)
+    weights.pin(canonical)
     release_freed_memory()
     output_name, score, classes = _score_tensor(canonical, path)
     missing = unsupported_nodes(canonical, score, image.name)
@@ -336,29 +342,12 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     cdims = _find_image_input(canonical, path).type.tensor_type.shape.dim
     static = [d.dim_value if d.HasField("dim_value") else None for d in cdims]
     metadata = {p.key: p.value for p in original.metadata_props}
-    weights = hold_weights_once(original, canonical)
     return LoadedModel(path=path, sha256=sha256_of(path), original=original, canonical=canonical, report=report,
                        input_name=image.name, layout=layout, input_hw=(static[2], static[3]),
                        channels=static[1] or 3, output_name=output_name, score_tensor=score, num_classes=classes,
                        metadata=metadata, labels=labels_from_metadata(metadata), batch=static[0] or None,
                        weights=weights)
 
-
-def hold_weights_once(original: onnx.ModelProto, canonical: onnx.ModelProto) -> WeightStore:
-    """Move the large weights of both graphs into one store, in place: every rewrite after this clones and
-    serialises structure only, and onnxruntime reads the store's arrays (Engine.session). A weight the original
-    shares with the canonical graph (the same name and values: all but folded BatchNorms) is held once."""
-    store = WeightStore()
-    externalize(canonical, store)
-    for i, t in enumerate(original.graph.initializer):
-        if t.name in store.arrays and t.data_location != onnx.TensorProto.EXTERNAL:
-            same = store.arrays[t.name]
-            if tuple(t.dims) == same.shape and t.data_type == onnx.helper.np_dtype_to_tensor_dtype(same.dtype) \
-                    and numpy_helper.to_array(t).tobytes() == same.tobytes():
-                original.graph.initializer[i].CopyFrom(store.placeholder(t.name, t.name))
-    externalize(original, store, prefix="original/")
-    release_freed_memory()
-    return store
 
 
 def _guess_layout(dims) -> str:
