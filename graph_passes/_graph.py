@@ -77,6 +77,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 # (SessionOptions.add_external_initializers: no copy); materialize() puts them back for files that leave us.
 
 STORE_LOCATION = "onnx-saliency-store:"
+STORE_MIN_ELEMENTS = 1 << 14  # smaller initializers stay in the graphs (shape inference may read their values)
 _STORES: "weakref.WeakValueDictionary[str, WeightStore]" = weakref.WeakValueDictionary()
 
 

@@ -14,7 +14,8 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 import graph_passes as gp
-from graph_passes._graph import WeightStore, externalize, graph_inputs, producers, skeleton, tensor_infos
+from graph_passes._graph import (STORE_MIN_ELEMENTS, WeightStore, externalize, graph_inputs, producers, skeleton,
+                                 tensor_array, tensor_infos)
 from graph_passes.precision import HALF
 
 from ..errors import SaliencyError, UnsupportedModelError
@@ -180,40 +181,53 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> in
     return total
 
 
-def _check_weights(model: onnx.ModelProto, path: Path) -> None:
+def _check_weights(model: onnx.ModelProto, path: Path, below: int | None = None) -> None:
     """Every weight's data must fill its declared shape (the checker does not look); NaN weights poison every
-    map and are refused, Inf is allowed (exporters pad max-pools with -inf)."""
+    map and are refused, Inf is allowed (exporters pad max-pools with -inf). `below`: only tensors with fewer
+    elements (the larger ones are checked as they move into the weight store, without a second copy)."""
     for tensor in external_data_helper._get_all_tensors(model):
+        if below is not None and int(np.prod(tensor.dims, dtype=np.int64)) >= below:
+            continue
         try:
-            values = numpy_helper.to_array(tensor)
+            values = tensor_array(tensor)
         except Exception as err:  # ValueError from reshape, TypeError/KeyError for unknown data types...
             raise SaliencyError(f"{path}: weight {tensor.name!r} does not hold data of its declared shape "
                                 f"{list(tensor.dims)} and type ({type(err).__name__}: {err})") from None
-        if values.dtype.kind == "f" and np.isnan(values).any():
+        if values.dtype.kind == "f" and not np.isfinite(values.sum(dtype=np.float64)) and np.isnan(values).any():
             raise SaliencyError(f"{path}: weight {tensor.name!r} contains NaN ({int(np.isnan(values).sum())} of "
                                 f"{values.size} values)")
 
 
 def _non_utf8_string(message) -> str | None:
-    """The first string field whose bytes are not UTF-8 (protobuf then hands out bytes, not str), as text."""
+    """The first string field whose bytes are not UTF-8 (protobuf then hands out bytes, not str), as text.
+    Bytes fields (weights' raw data) are never read: reading one copies it."""
     from google.protobuf.descriptor import FieldDescriptor as F
 
-    for field_desc, value in message.ListFields():
+    for field_desc in message.DESCRIPTOR.fields:
+        if field_desc.type not in (F.TYPE_MESSAGE, F.TYPE_STRING):
+            continue
         repeated = field_desc.is_repeated if hasattr(field_desc, "is_repeated") else field_desc.label == 3
+        if repeated:
+            values = getattr(message, field_desc.name)
+        elif field_desc.type == F.TYPE_MESSAGE:
+            values = [getattr(message, field_desc.name)] if message.HasField(field_desc.name) else []
+        else:
+            values = [getattr(message, field_desc.name)]
         if field_desc.type == F.TYPE_MESSAGE:
-            for item in value if repeated else [value]:
+            for item in values:
                 found = _non_utf8_string(item)
                 if found:
                     return found
-        elif field_desc.type == F.TYPE_STRING:
-            bad = next((v for v in (value if repeated else [value]) if isinstance(v, bytes)), None)
+        else:
+            bad = next((v for v in values if isinstance(v, bytes)), None)
             if bad is not None:
                 return f"{message.DESCRIPTOR.name}.{field_desc.name} {bad[:40]!r}"
     return None
 
 
-def read_model(path) -> onnx.ModelProto:
-    """Parse and check an ONNX file (never writing to it); external data is read from its folder only."""
+def read_model(path, check_weights: bool = True) -> onnx.ModelProto:
+    """Parse and check an ONNX file (never writing to it); external data is read from its folder only.
+    check_weights=False leaves the weights' values to the caller (load_model checks them in its store)."""
     path = Path(path)
     if not path.is_file():
         raise SaliencyError(f"{path}: no such model file")
@@ -257,7 +271,8 @@ def read_model(path) -> onnx.ModelProto:
         onnx.checker.check_model(skeleton(model))
     except Exception as err:
         raise SaliencyError(f"{path}: invalid ONNX model: {str(err) or type(err).__name__}") from err  # one line
-    _check_weights(model, path)
+    if check_weights:
+        _check_weights(model, path)
     return model
 
 
@@ -318,7 +333,15 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     # from here on every large weight is held once, in `weights`; the graphs hold placeholders for them, so
     # canonicalisation and every rewrite after it copy and serialise structure only
     weights = WeightStore()
-    original = externalize(read_model(path), weights)
+    model = read_model(path, check_weights=False)
+    _check_weights(model, path, below=STORE_MIN_ELEMENTS)
+    try:
+        original = externalize(model, weights, STORE_MIN_ELEMENTS)
+    except Exception:
+        _check_weights(model, path)  # the weight whose data does not fill its shape, named as read_model does
+        raise
+    del model
+    _check_weights(original, path)  # the stored ones: read in place (the sum first: NaN and Inf are rare)
     release_freed_memory()
     image = _find_image_input(original, path)
     dims = image.type.tensor_type.shape.dim
