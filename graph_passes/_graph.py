@@ -91,6 +91,7 @@ class WeightStore:
         self._ortvalues: dict = {}
         self.memo: dict = {}  # derived weights by digest of their values -> key (each kept once)
         self._own_digests: dict = {}
+        self.files: dict = {}  # key -> (file, offset, length) of weights mapped from a file (put_file)
         _STORES[self.id] = self
 
     def __getstate__(self):  # ships to scale-out actors with its LoadedModel; OrtValues are per process
@@ -99,7 +100,7 @@ class WeightStore:
     def __setstate__(self, state):
         self.id, self.arrays = state["id"], state["arrays"]
         self._counter, self._ortvalues, self.memo = itertools.count(len(self.arrays)), {}, {}
-        self._own_digests = {}
+        self._own_digests, self.files = {}, {}  # memory maps arrive as arrays: held in memory here
         _STORES.setdefault(self.id, self)
 
     @property
@@ -166,6 +167,16 @@ class WeightStore:
             self.arrays.pop(k, None)
             self._ortvalues.pop(k, None)
         self.memo = {d: k for d, k in self.memo.items() if k not in keys}
+
+    def put_file(self, name: str, path, offset: int, dtype, shape, key: str) -> onnx.TensorProto:
+        """Keep a weight that lies in a file (bytes offset.. of `path`) as a read-only memory map of it: nothing
+        is read until a pass asks for values, and onnxruntime maps the same bytes itself (ort_model)."""
+        from pathlib import Path
+
+        array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(int(d) for d in shape))
+        self.arrays[key] = array
+        self.files[key] = (Path(path).resolve(), int(offset), int(array.nbytes))
+        return self.placeholder(name, key)
 
     def ortvalue(self, key: str):
         """One OrtValue per weight, shared by every session (onnxruntime reads the numpy memory itself)."""
@@ -253,6 +264,51 @@ def new_initializer(model, name: str, array: np.ndarray) -> onnx.TensorProto:
     the weight is large, else the values themselves."""
     store = store_of(model) if array.size >= _SKELETON_MIN_ELEMENTS else None
     return numpy_helper.from_array(array, name) if store is None else store.shared(name, array)
+
+
+def _resolve(t: onnx.TensorProto, ref, fallback) -> WeightStore:
+    store = _STORES.get(ref[0])
+    if store is None or ref[1] not in store.arrays:
+        store = fallback
+    if store is None or ref[1] not in store.arrays:
+        raise GraphPassError(f"weight {t.name!r} refers to a weight store that is gone ({ref[0]}/{ref[1]})")
+    return store
+
+
+def ort_model(model: onnx.ModelProto, options, fallback: WeightStore | None = None) -> tuple[bytes, int]:
+    """`model` serialised for an onnxruntime session made with SessionOptions `options`, its placeholders
+    resolved without copying a weight on our side: weights mapped from a file become external-data references
+    to that file (onnxruntime maps it as well), the others shared OrtValues. Edits `model` in place (pass a
+    graph of your own). Returns the bytes and the weights' size."""
+    from pathlib import Path
+
+    names, values, nbytes, folder = [], [], 0, None
+    for t in model.graph.initializer:
+        ref = placeholder_ref(t)
+        if ref is None:
+            continue
+        store = _resolve(t, ref, fallback)
+        nbytes += store.arrays[ref[1]].nbytes
+        file = store.files.get(ref[1])
+        if file is not None and folder in (None, file[0].parent):
+            folder = file[0].parent
+            del t.external_data[:]
+            for k, v in (("location", file[0].name), ("offset", str(file[1])), ("length", str(file[2]))):
+                t.external_data.add(key=k, value=v)
+            continue
+        names.append(t.name)
+        values.append(store.ortvalue(ref[1]))
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    if names:
+        options.add_external_initializers(names, values)
+    return model.SerializeToString(), nbytes
+
+
+def is_file_backed(t: onnx.TensorProto) -> bool:
+    ref = placeholder_ref(t)
+    store = _STORES.get(ref[0]) if ref is not None else None
+    return store is not None and ref[1] in store.files
 
 
 def placeholder_keys(model: onnx.ModelProto) -> set[str]:

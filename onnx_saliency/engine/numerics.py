@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from graph_passes._graph import external_initializers, tensor_array
+from graph_passes._graph import ort_model, tensor_array
 
 from ..errors import NumericalError
 from ..ort_logging import session_severity
@@ -29,15 +29,13 @@ def first_nonfinite_node(graph: onnx.ModelProto, feeds: dict[str, np.ndarray], p
     opts = ort.SessionOptions()
     opts.log_severity_level = session_severity()
     try:
-        names, values, _ = external_initializers(m)
-        if names:
-            opts.add_external_initializers(names, values)
-        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=providers)
+        data, _ = ort_model(m, opts)
+        sess = ort.InferenceSession(data, opts, providers=providers)
         names = [o.name for o in sess.get_outputs()]
         values = dict(zip(names, sess.run(names, feeds)))
     except Exception:  # the trace is a diagnosis: without it the caller still reports the output
         return None
-    weights = {t.name: t for t in m.graph.initializer}
+    weights = {t.name: t for t in graph.graph.initializer}  # m's now point at files onnxruntime maps
     for node in m.graph.node:
         for out in node.output:
             v = values.get(out)

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 import graph_passes as gp
-from graph_passes._graph import external_initializers, has_derived, materialize, placeholder_keys
+from graph_passes._graph import has_derived, materialize, ort_model, placeholder_keys
 
 from ..errors import SaliencyError
 from ..intake.model import LoadedModel, release_freed_memory
@@ -82,20 +82,17 @@ class Engine:
                                 materialize(proto, keep=self._own_weight).SerializeToString())
             else:
                 proto = onnx.load_from_string(data)
-            names, values, shared = external_initializers(proto, self.model.weights)
             keys = placeholder_keys(proto)
-            # what the session holds: the graph's inline bytes, and about one copy of the shared weights
-            # (onnxruntime pre-packs Conv/Gemm weights per session; the shared arrays themselves are counted once
-            # by the model)
-            cost = len(data) + shared
-            del proto
             opts = ort.SessionOptions()
             if self.threads:
                 opts.intra_op_num_threads = self.threads
                 opts.inter_op_num_threads = 1
             opts.log_severity_level = session_severity()
-            if names:
-                opts.add_external_initializers(names, values)
+            data, shared = ort_model(proto, opts, self.model.weights)
+            # what the session holds: the graph's inline bytes, and about one copy of the model's weights
+            # (onnxruntime pre-packs or copies Conv/Gemm weights per session)
+            cost = len(data) + shared
+            del proto
             self._evict_for(cost)
             sess = ort.InferenceSession(data, opts, providers=self._providers)
             del data

@@ -14,8 +14,8 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 import graph_passes as gp
-from graph_passes._graph import (STORE_MIN_ELEMENTS, WeightStore, externalize, graph_inputs, producers, skeleton,
-                                 tensor_array, tensor_infos)
+from graph_passes._graph import (STORE_MIN_ELEMENTS, WeightStore, externalize, graph_inputs, is_file_backed, producers,
+                                 skeleton, tensor_array, tensor_infos)
 from graph_passes.precision import HALF
 
 from ..errors import SaliencyError, UnsupportedModelError
@@ -181,12 +181,14 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> in
     return total
 
 
-def _check_weights(model: onnx.ModelProto, path: Path, below: int | None = None) -> None:
+def _check_weights(model: onnx.ModelProto, path: Path, below: int | None = None, skip_mapped: bool = False) -> None:
     """Every weight's data must fill its declared shape (the checker does not look); NaN weights poison every
     map and are refused, Inf is allowed (exporters pad max-pools with -inf). `below`: only tensors with fewer
     elements (the larger ones are checked as they move into the weight store, without a second copy)."""
     for tensor in external_data_helper._get_all_tensors(model):
         if below is not None and int(np.prod(tensor.dims, dtype=np.int64)) >= below:
+            continue
+        if skip_mapped and is_file_backed(tensor):  # read_model checked it from the file
             continue
         try:
             values = tensor_array(tensor)
@@ -225,9 +227,11 @@ def _non_utf8_string(message) -> str | None:
     return None
 
 
-def read_model(path, check_weights: bool = True) -> onnx.ModelProto:
+def read_model(path, check_weights: bool = True, weights: WeightStore | None = None) -> onnx.ModelProto:
     """Parse and check an ONNX file (never writing to it); external data is read from its folder only.
-    check_weights=False leaves the weights' values to the caller (load_model checks them in its store)."""
+    check_weights=False leaves the weights' values to the caller (load_model checks them in its store).
+    weights: a store that keeps the file's large weights as memory maps of the file, never read into the
+    protobuf (the model returned holds placeholders for them)."""
     path = Path(path)
     if not path.is_file():
         raise SaliencyError(f"{path}: no such model file")
@@ -243,8 +247,17 @@ def read_model(path, check_weights: bool = True) -> onnx.ModelProto:
     if size > MAX_MODEL_BYTES:
         raise SaliencyError(f"{path}: {size} bytes, over protobuf's 2 GiB limit; models this large must keep "
                             "their weights as external data")
+    found: dict = {}
+    model = None
+    if weights is not None:  # the structure alone; large weights stay in the file (see intake.wire)
+        from .wire import WireError, read_structure
+
+        try:
+            model, found = read_structure(path, STORE_MIN_ELEMENTS)
+        except (WireError, OSError, ValueError, Exception):  # noqa: B014 - anything: the ordinary parse decides
+            model, found = None, {}
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = model if model is not None else onnx.load(str(path), load_external_data=False)
     except OSError as err:
         raise SaliencyError(f"{path}: cannot read ({err.strerror or err})") from None
     except Exception as err:  # protobuf's DecodeError and friends, whatever the runtime raises
@@ -271,9 +284,33 @@ def read_model(path, check_weights: bool = True) -> onnx.ModelProto:
         onnx.checker.check_model(skeleton(model))
     except Exception as err:
         raise SaliencyError(f"{path}: invalid ONNX model: {str(err) or type(err).__name__}") from err  # one line
+    for index, (offset, length) in found.items():
+        t = model.graph.initializer[index]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        _check_file_values(path, t.name, offset, length, dtype)
+        model.graph.initializer[index].CopyFrom(weights.put_file(t.name, path, offset, dtype, t.dims, t.name))
     if check_weights:
         _check_weights(model, path)
     return model
+
+
+def _check_file_values(path: Path, name: str, offset: int, length: int, dtype) -> None:
+    """Refuse NaN in a weight read from the file in chunks (through the page cache, not a mapping of ours)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        return
+    chunk = (64 << 20) // dtype.itemsize * dtype.itemsize
+    bad = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left > 0:
+            values = np.frombuffer(f.read(min(chunk, left)), dtype)
+            left -= values.nbytes
+            if not np.isfinite(values.sum(dtype=np.float64)):
+                bad += int(np.isnan(values).sum())
+    if bad:
+        raise SaliencyError(f"{path}: weight {name!r} contains NaN ({bad} of {length // dtype.itemsize} values)")
 
 
 def _find_image_input(model: onnx.ModelProto, path: Path):
@@ -333,7 +370,7 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     # from here on every large weight is held once, in `weights`; the graphs hold placeholders for them, so
     # canonicalisation and every rewrite after it copy and serialise structure only
     weights = WeightStore()
-    model = read_model(path, check_weights=False)
+    model = read_model(path, check_weights=False, weights=weights)
     _check_weights(model, path, below=STORE_MIN_ELEMENTS)
     try:
         original = externalize(model, weights, STORE_MIN_ELEMENTS)
@@ -341,7 +378,7 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
         _check_weights(model, path)  # the weight whose data does not fill its shape, named as read_model does
         raise
     del model
-    _check_weights(original, path)  # the stored ones: read in place (the sum first: NaN and Inf are rare)
+    _check_weights(original, path, skip_mapped=True)  # the stored ones, in place (file-mapped ones: checked)
     release_freed_memory()
     image = _find_image_input(original, path)
     dims = image.type.tensor_type.shape.dim
