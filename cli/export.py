@@ -27,7 +27,7 @@ from .common import fail_cleanly
               help="Triton instance kind (KIND_CPU or KIND_GPU).")
 @click.option("--resize/--no-resize", default=True, show_default=True,
               help="CAM maps min-maxed and resized to the input (as the API), or the raw ReLU map at the layer.")
-@click.option("--composite", default=None, help="LRP composite (default epsilon-plus-flat).")
+@click.option("--composite", default=None, help="LRP composite (default epsilon-plus-flat-nobias; see docs/lrp-bias.md).")
 @click.option("--rule-map", type=click.Path(), default=None, help="LRP rule map file.")
 @click.option("--init", default=None, help="LRP initial relevance: logit | one | contrastive | sglrp.")
 @click.option("--report", is_flag=True, help="Also print what canonicalisation did, node by node.")

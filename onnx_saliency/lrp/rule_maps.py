@@ -81,7 +81,8 @@ def parse_rule_map(data, low=None, high=None, where="rule map") -> Composite:
 
 def resolve_composite(engine, composite=None, rule_map=None, low=None, high=None) -> Composite:
     """Composite from a name / object / rule-map file, with z^B bounds from the model's preprocessing."""
-    needs_bounds = rule_map is not None or str(composite).lower().replace("_", "-") == "epsilon-gamma-box"
+    needs_bounds = rule_map is not None or str(composite).lower().replace("_", "-") in (
+        "epsilon-gamma-box", "epsilon-gamma-box-nobias")
     if needs_bounds and (low is None or high is None):
         from ..intake.preprocess import input_bounds
 

@@ -4,6 +4,11 @@ One forward and one modified backward pass (graph_passes.tsgb); the map is sum_c
 The map is signed and implicitly contrastive (the target's rectified contribution sums to zero at the
 classifier input); the reference displays max(S, 0) / max|S|, which the diverging picture shows as its red half.
 
+On networks with strided convolutions (ResNet, EfficientNet, MobileNet stems) the map carries a regular period-2
+grid: TSGB-Conv spreads relevance over overlapping receptive fields, and with a 3x3 stride-2 kernel the overlap
+alternates 2, 1, 2, 1 per axis (4:2:2:1 per 2x2 block). This is the method's own behaviour, reproduced by the
+authors' algorithm (graph_passes.tsgb.conv_rule); VGG-16, the paper's default, has no strided convs and no grid.
+
 Options: classifier (node name, or a list of names, that gets TSGB-FC; default the linear layer nearest the
 output); reference (false | true): grouped and depthwise convs redistribute over all channels, as the code the
 reference actually runs (its "slim" backward; the full version it leaves commented out keeps the groups, as our
