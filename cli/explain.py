@@ -52,12 +52,16 @@ from .common import (CompositeOption, explainer_from_options, fail_cleanly, meth
 @click.option("--shard-size", type=int, default=None, help="[ray] Images per shard: one actor call, one "
               "Parquet file (default max(64, --batch-size)).")
 @rendering_options
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of the rewritten-graph cache (default: $ONNX_SALIENCY_CACHE, else the user's cache "
+              "folder); `onnx-saliency cache info|clear`.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the rewritten-graph cache.")
 @quiet_option
 @with_model_options
 @fail_cleanly
 def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, composite, rule_map, resume,
             max_pixels, memory_budget, report, engine, address, actors, cpus_per_actor, gpus_per_actor, fmt,
-            shard_size, clip_percentile, blend, quiet, **model_kw):
+            shard_size, clip_percentile, blend, quiet, cache_dir=None, no_cache=False, **model_kw):
     """Explain IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model).
 
     A bad image is reported on stderr (one line naming it) and skipped; the others are written. A method
@@ -93,10 +97,12 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     model, images = split_model_and_images(tuple(i for i in inputs if i not in uris), bool(uris))
     images = images + list(uris)
     method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
-    if rule_map is not None and not Path(rule_map).is_file():
+    if rule_map is not None and not Path(rule_map).exists():  # a FIFO or folder: refused when read
         raise SaliencyError(f"--rule-map {rule_map}: no such file")
     options = method_options(option_pairs, method_objs, composite=composite, rule_map=rule_map)
     ex = explainer_from_options(model, **model_kw)
+    if no_cache or cache_dir is not None:
+        ex.use_cache(False if no_cache else cache_dir)
     speak_up(ex, inputs, model, quiet)
     ex.engine.memory_budget = budget
     if composite is not None or rule_map is not None:

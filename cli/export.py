@@ -46,7 +46,7 @@ def export_explainer(model, method, layers, output, triton_dir, triton_name, max
 
     if output is None and triton_dir is None:
         raise SaliencyError("export-explainer: give -o FILE.onnx, --triton DIR, or both")
-    if rule_map is not None and not Path(rule_map).is_file():
+    if rule_map is not None and not Path(rule_map).exists():  # a FIFO or folder: refused when read
         raise SaliencyError(f"--rule-map {rule_map}: no such file")
     ex = Explainer(model, preset=preset, labels=labels)
     if report:

@@ -299,3 +299,36 @@ def test_norm_reductions_conserve(tmp_path, op):
     out = lrp.relevance_at(engine, _x((3, 5, 5)), composite=lrp.uniform(R.LRP0(), "lrp0", stabilizer=0.0))
     total = out["relevance"]["x"].reshape(3, -1).astype(np.float64).sum(1)
     assert _relerr(total, out["start"]).max() < 1e-4
+
+
+def _squeeze_excite(decomposed: bool, seed=6):
+    """conv -> relu -> squeeze-excitation (global mean, two 1x1 convs, hard sigmoid) -> gap -> dense; the hard
+    sigmoid as the op (torch exports) or as Keras exports it: Clip(z + 3, 0, 6) * (1/6)."""
+    rng = np.random.default_rng(seed)
+    c = {"w": _w(rng, 4, 3, 3, 3), "s1": _w(rng, 2, 4, 1, 1), "s2": _w(rng, 4, 2, 1, 1), "fc": _w(rng, 4, 5),
+         "three": np.float32(3), "zero": np.float32(0), "six": np.float32(6), "sixth": np.float32(1 / 6)}
+    nodes = [_n("Conv", ["x", "w"], ["cv"], pads=[1, 1, 1, 1]), _n("Relu", ["cv"], ["h"]),
+             _n("ReduceMean", ["h"], ["sq"], axes=[2, 3], keepdims=1), _n("Conv", ["sq", "s1"], ["e1"]),
+             _n("Relu", ["e1"], ["e1r"]), _n("Conv", ["e1r", "s2"], ["z"])]
+    if decomposed:
+        nodes += [_n("Add", ["z", "three"], ["z3"]), _n("Clip", ["z3", "zero", "six"], ["zc"]),
+                  _n("Mul", ["zc", "sixth"], ["gate"])]
+    else:
+        nodes += [_n("HardSigmoid", ["z"], ["gate"], alpha=1 / 6, beta=0.5)]
+    nodes += [_n("Mul", ["h", "gate"], ["se"]), _n("GlobalAveragePool", ["se"], ["gap"]),
+              _n("Flatten", ["gap"], ["f"]), _n("MatMul", ["f", "fc"], ["logits"])]
+    return make_model(nodes, [("x", (None, 3, 6, 6))], [("logits", (None, 5))], c, opset=17)
+
+
+def test_squeeze_excitation_gate_is_held_fixed_whichever_way_hard_sigmoid_is_written(tmp_path):
+    """The SE Mul is a gate (all relevance to the signal) both for HardSigmoid and for Keras's
+    Clip(z + 3, 0, 6) / 6, so a torch and a Keras export of one network explain alike."""
+    maps = {}
+    for decomposed in (False, True):
+        model = _squeeze_excite(decomposed)
+        se_mul = next(n.name for n in model.graph.node if n.output[0] == "se")
+        assert R.analyze(model).gates[se_mul] == 0
+        engine = _engine(model, tmp_path, f"se{int(decomposed)}.onnx")
+        out = lrp.relevance_at(engine, _x((3, 6, 6)), composite="epsilon-plus-flat")
+        maps[decomposed] = out["relevance"]["x"]
+    np.testing.assert_allclose(maps[True], maps[False], rtol=1e-4, atol=1e-6 * np.abs(maps[False]).max())

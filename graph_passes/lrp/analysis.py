@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from .._graph import ancestors, attrs, consumers, initializers, producers, tensor_infos
+from .._graph import ancestors, attrs, consumers, initializers, producers, tensor_array, tensor_infos
 from ..vjp import NON_DIFFERENTIABLE
 from .rules import LRPRule
 
@@ -87,7 +86,7 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
     a.activations = live
 
     def const(name):
-        return numpy_helper.to_array(inits[name]) if name in inits else None
+        return tensor_array(inits[name]) if name in inits else None
 
     for node in g.node:
         op = node.op_type
@@ -157,7 +156,7 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
             if not all(live_in):
                 a.gates[node.name] = live_in.index(True) if any(live_in) else -1
             else:
-                gate = [s is not None and s.op_type in ("Sigmoid", "HardSigmoid") for s in srcs]
+                gate = [_sigmoid_like(i, prod, inits) for i in node.input]
                 if gate[0] != gate[1]:
                     a.gates[node.name] = 1 if gate[0] else 0
                 else:
@@ -192,6 +191,24 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                     continue
             a.nonneg.update(o for o in node.output if o)
     return a
+
+
+def _sigmoid_like(t: str, prod: dict, inits) -> bool:
+    """Whether t is a sigmoid gate: Sigmoid, HardSigmoid, or hard sigmoid as Keras exports it
+    (Clip(x + 3, 0, 6) / 6: Add, Clip, then Mul or Div by a constant), so a squeeze-excitation gate is held
+    fixed whichever framework exported it."""
+    node = prod.get(t)
+    if node is None:
+        return False
+    if node.op_type in ("Sigmoid", "HardSigmoid"):
+        return True
+    if node.op_type in ("Mul", "Div") and len(node.input) == 2:
+        scaled = _scaled_source(t, prod, inits)
+        clip = prod.get(scaled) if scaled != t else None
+        if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3 and all(
+                i in inits for i in clip.input[1:]):
+            return True
+    return False
 
 
 def _pointwise_of(t: str, x: str, prod: dict, live: set, depth: int = 24) -> bool:

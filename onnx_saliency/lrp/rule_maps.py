@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -20,22 +19,23 @@ def load_rule_map(path, low=None, high=None) -> Composite:
                {"op": "MaxPool", "rule": "proportional"}],
      "default": "epsilon"}                        # optional rule for linear layers nothing else matched
     """
+    from ..intake.side_files import parse_json, read_text
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise SaliencyError(f"--rule-map {path}: cannot read ({err.strerror})") from err
+    text = read_text(path, "--rule-map")
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as err:
             raise SaliencyError(f"--rule-map {path}: YAML needs PyYAML; use a .json rule map") from err
-        data = yaml.safe_load(text)
-    else:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SaliencyError(f"--rule-map {path}: invalid JSON ({err.msg} at line {err.lineno})") from err
+            data = yaml.safe_load(text)
+        except RecursionError:
+            raise SaliencyError(f"--rule-map {path}: YAML nested too deeply") from None
+        except yaml.YAMLError as err:
+            raise SaliencyError(f"--rule-map {path}: invalid YAML ({' '.join(str(err).split())})") from None
+    else:
+        data = parse_json(text, path, "--rule-map")
     return parse_rule_map(data, low, high, where=f"--rule-map {path}")
 
 

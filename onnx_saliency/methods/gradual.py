@@ -259,10 +259,16 @@ class GradualExtrapolation(Method):
                Option("ge_variant", "choice", "original", "original, or upsample (the 2023 revision)",
                       choices=VARIANTS),
                Option("ge_combine", "choice", "sum", "how an excitation's channels combine", choices=COMBINES),
-               Option("ge_input", "choice", "raw", "the shallowest excitation: raw, abs or skip",
-                      choices=INPUT_FACTORS),
+               Option("ge_input", "choice", DEFAULTS["ge_input"], "the shallowest excitation (auto, raw, abs or "
+                      "skip)", choices=INPUT_FACTORS),
                Option("ge_scope", "choice", "layer", "layer: nodes below the base layer; all: every "
-                      "down-sampling node", choices=SCOPES))
+                      "down-sampling node", choices=SCOPES),
+               Option("ge_excitation", "choice", DEFAULTS["ge_excitation"], "activation, or output (as the "
+                      "reference's hooks see it)", choices=EXCITATIONS),
+               Option("ge_normalise", "choice", DEFAULTS["ge_normalise"], "final normalisation",
+                      choices=NORMALISATIONS),
+               Option("reference", "choice", "false", "v1 / true: the paper's code; v2: the 2023 revision (fix "
+                      "the ge_* options as they do)", choices=REFERENCES))
 
     def declared_options(self, given=None):
         """Its own options and its base method's (`base` only where the base is chosen by option)."""

@@ -115,7 +115,8 @@ class RelevanceCAM(Method):
                Option("conv_bias", "choice", "zennit", "conv bias handling: zennit (b+ in the denominator) or "
                       "reference (the official code's quirk)", choices=("zennit", "reference")),
                Option("stabilizer", "float", 1e-9, "epsilon of the z stabiliser", low=0.0, high=1.0),
-               Option("composite", "str", None, "an LRP composite instead of the reference rules"))
+               Option("composite", "str", None, "an LRP composite instead of the reference rules"),
+               Option("reference", "bool", False, "reproduce the authors' reference code (see the method's description)"))
 
     def explain(self, req: Request) -> Result:
         if not req.layers:
@@ -125,9 +126,9 @@ class RelevanceCAM(Method):
             raise SaliencyError(f"--option reference={reference!r}: expected true or false")
         reference = reference in ("true", "1")
         if reference:
-            for key, value in (("init", "clrp"), ("conv_bias", "reference"), ("relu", 0)):
-                given = req.options.get(key)
-                if given is not None and str(given).lower() != str(value):
+            for key, value in (("init", "clrp"), ("conv_bias", "reference"), ("relu", False)):
+                given = req.options.get(key)  # parsed to its declared type (relu: a bool)
+                if given is not None and str(given).lower() != str(value).lower():
                     raise SaliencyError(f"--option {key}={given!r} contradicts --option reference=true (which sets "
                                         f"{key}={value}); give one of them")
             if req.options.get("composite") is not None:

@@ -40,7 +40,8 @@ class TSGB(Method):
     name = "tsgb"
     uses_layer = False
     options = (Option("classifier", "names", None, "the linear layers that get TSGB-FC, node names (default: "
-                      "found from the scores)"),)
+                      "found from the scores)"),
+               Option("reference", "bool", False, "reproduce the authors' reference code (see the method's description)"))
 
     def explain(self, req: Request) -> Result:
         engine, model = req.engine, req.engine.model
