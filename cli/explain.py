@@ -180,6 +180,8 @@ def _explain_on_ray(ex, images, method_objs, layer_spec, target, out, batch_size
             click.echo(f"shard  {shard['shard'] or '-'} pid {shard['pid']}: {shard['images']} image(s), decode "
                        f"{shard['decode_s']:.3f} s, explain {shard['explain_s']:.3f} s, write {shard['write_s']:.3f} s, "
                        f"actor peak resident {mib(shard['peak_rss'])}", err=True)
+        click.echo("report  no report.html with --engine ray (the page and the LRP conservation tables are written "
+                   "by --engine local)", err=True)
     resumed = f"; {outcome.resumed} already complete (--resume)" if outcome.resumed else ""
     where = f"{out} (Parquet shards in {out / 'maps'}, failures in {out / 'errors.parquet'})" if (
         scale["--format"] == "parquet") else str(out)

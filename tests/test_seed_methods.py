@@ -503,8 +503,10 @@ def test_compare_writes_one_grid(tmp_path):
     res = CliRunner().invoke(main, ["compare", str(model), str(image), "-m", "gradcam", "-m", "relevance-cam",
                                     "-m", "cmwp+ge", "-o", str(out), "--size", "32"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    # four 32x32 panels (image + 3 methods) in one row, each under a 22 px title, 4 px apart
-    assert cv2.imread(str(out)).shape == (32 + 22, 4 * 32 + 3 * 4, 3)
+    # four cells (image + 3 methods) in one row, 4 px apart, each under a 22 px title; a method's 32-row panel
+    # also has its colour convention above it (22 px) and its colour bar beside it, so cells are wider than 32
+    h, w, _ = cv2.imread(str(out)).shape
+    assert h == 32 + 22 + 22 and (w - 3 * 4) % 4 == 0 and (w - 3 * 4) // 4 > 32
     bad = tmp_path / "bad.png"
     res = CliRunner().invoke(main, ["compare", str(model), str(image), "-m", "gradcam", "-m", "nope", "-o", str(bad)])
     assert res.exit_code == 2 and "error: -m 'nope': unknown method" in res.output and not bad.exists()
