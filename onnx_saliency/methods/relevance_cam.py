@@ -10,6 +10,7 @@ from graph_passes import lrp as R
 
 from .. import lrp as L
 from ..errors import SaliencyError
+from ..intake.model import inference_mode_batchnorm
 from .base import Method, Request, Result
 from .options import Option
 from .gradual import extra_exposures, hand_over
@@ -70,7 +71,7 @@ def _reference_relevance(engine, x, targets, layers, expose, init, stabilizer, b
     holder = {}
 
     def build(_canonical):
-        kept = gp.canonicalize(model.original, fold_bn=False)
+        kept = gp.canonicalize(inference_mode_batchnorm(model.original, model.path)[0], fold_bn=False)
         comp = relevance_cam_composite(kept, "reference", stabilizer, bn="pass")
         holder["composite"] = comp
         m = gp.expose_tensors(kept, sorted(set(expose) | set(layers) | {score}))

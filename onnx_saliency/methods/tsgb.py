@@ -27,6 +27,7 @@ import graph_passes as gp
 from graph_passes.tsgb import append_tsgb, classifier_layers
 
 from ..engine import check_finite
+from ..intake.model import inference_mode_batchnorm
 from ..errors import SaliencyError, UnsupportedModelError
 from ..intake.layers import refuse_transformer
 from . import register
@@ -61,7 +62,7 @@ class TSGB(Method):
 
         def build(canonical):
             if group_blind:  # the reference's LRP-BN rule on each BatchNorm, as the model has it
-                canonical = gp.canonicalize(model.original, fold_bn=False)
+                canonical = gp.canonicalize(inference_mode_batchnorm(model.original, model.path)[0], fold_bn=False)
             m = gp.append_target_seed(gp.expose_tensors(canonical, [score]), score)
             try:
                 return append_tsgb(m, score, [inp], seed=gp.SEED, classifier=classifier, group_blind=group_blind)
