@@ -17,6 +17,8 @@ instead of being folded into its conv: the same except where a conv's output is 
 receptive field of zeros, no bias), where the reference's conv rule multiplies g BN(0) / 1e-10 by that 0 and
 drops the relevance the folded conv keeps (on MobileNetV2 with random weights this is most of the
 difference). The classifier's classifier_layers are chosen on the folded graph; the names are the same.
+Measured against a torch re-implementation of the reference (benchmarks/results_seed_parity.md, random signed BN):
+MobileNetV2 Pearson 0.971 by default, 1.000000 with reference=true; ResNet-50 and VGG-16 1.000000 either way.
 """
 
 from __future__ import annotations
