@@ -26,10 +26,10 @@ from onnx_saliency.intake.preprocess import load_image, prepare
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("gradcam", "relevance-cam", "guidance-cam", "gradcam+ge", "cmwp+ge", "contrastive-excitation-backprop",
            "excitation-backprop", "tsgb", "sr-map")
-# option variants shown below the defaults: GE without the normalised image as its shallowest factor, and the
-# upsample-only revision
-VARIANTS = (("gradcam+ge", {"ge_input": "skip"}), ("cmwp+ge", {"ge_input": "skip"}),
-            ("gradcam+ge", {"ge_variant": "upsample"}))
+# option variants shown below the defaults: GE as the authors' code (v1) and its 2023 revision (v2); the GE
+# settings one by one are in benchmarks/ge_defaults.py
+VARIANTS = (("gradcam+ge", {"reference": "v1"}), ("cmwp+ge", {"reference": "v1"}),
+            ("gradcam+ge", {"reference": "v2"}))
 MODEL = "models/efficientnet_lite0.onnx"
 IMAGES = "images/imagenet_val"
 THREADS = 2

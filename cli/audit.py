@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import expand_images, fail_cleanly, note, parse_options, progress, quiet_option
+from .common import expand_images, fail_cleanly, method_options, note, progress, quiet_option
 
 
 @click.command("audit")
@@ -46,12 +46,12 @@ def audit(model_a, model_b, images, methods, preset_a, preset_b, layer, toleranc
     if batch_size < 1:
         raise SaliencyError(f"--batch-size {batch_size}: must be at least 1")
     tol = Tolerances.parse(tolerance_pairs)
-    for m in methods:
-        get_method(m)  # unknown methods fail before any model is loaded
+    options = method_options(option_pairs, [get_method(m) for m in methods])  # unknown methods and
+    # options fail before any model is loaded
     paths = expand_images(images)
     with progress(progress_units(methods), "auditing", quiet) as bar:
         result = run_audit(model_a, model_b, paths, methods, preset_a=preset_a, preset_b=preset_b, layer=layer,
-                           tolerances=tol, options=parse_options(option_pairs), batch_size=batch_size,
+                           tolerances=tol, options=options, batch_size=batch_size,
                            provider=provider, threads=threads, progress=bar.update)
     for key in ("a", "b"):
         for text in result.models[key]["assumptions"]:

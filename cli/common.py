@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from onnx_saliency.errors import SaliencyError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                   ".pnm", ".pam"}
+
+
+CRASH = 3  # exit code of an unexpected error (a bug); 1 = some images or methods skipped, 2 = bad input
 
 
 def fail_cleanly(fn):
@@ -34,6 +38,18 @@ def fail_cleanly(fn):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except click.exceptions.ClickException:
+            raise
+        except MemoryError:
+            click.echo("error: out of memory (lower --batch-size or --memory-budget)", err=True)
+            sys.exit(CRASH)
+        except Exception as err:  # a bug: its own exit code, never 1 (some images skipped) or 2 (bad input)
+            if os.environ.get("ONNX_SALIENCY_TRACEBACK"):
+                raise
+            text = " ".join(str(err).split())[:500]
+            click.echo(f"error: unexpected {type(err).__name__}: {text} (a bug in onnx-saliency; please report it "
+                       "with the command; ONNX_SALIENCY_TRACEBACK=1 shows the traceback)", err=True)
+            sys.exit(CRASH)
 
     return wrapper
 
@@ -91,8 +107,10 @@ def expand_images(items) -> list[Path]:
             images.append(p)
         else:
             raise SaliencyError(f"{p}: no such image file or folder")
-    stems = [p.stem for p in images]
-    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    from onnx_saliency.output.sidecar import output_name
+
+    names = [output_name(p) for p in images]
+    dupes = sorted({s for s in names if names.count(s) > 1})
     if dupes:
         raise SaliencyError(f"several images share the name {dupes[0]!r}; outputs are written per image stem")
     return images
@@ -103,27 +121,59 @@ class CompositeOption(click.Option):
     CLI starts without importing the LRP machinery)."""
 
     def get_help_record(self, ctx):
-        from onnx_saliency.lrp import composite_names
+        from onnx_saliency.lrp import COMPOSITES
 
         if not getattr(self, "_listed", False):
-            self.help = f"{self.help or ''} One of: {', '.join(composite_names())}.".strip()
+            # wrapped here, at commas, in a block Click keeps as is (\b): its own wrapping breaks names at hyphens
+            words = [f"{n}," for n in sorted(COMPOSITES)] + ["each", "but", "excitation-backprop", "also", "as",
+                                                             "NAME-nobias", "(biases", "zeroed:", "docs/lrp-bias.md)."]
+            lines, line = [], "One of:"
+            for word in words:
+                if len(line) + 1 + len(word) > 44:
+                    lines.append(line)
+                    line = word
+                else:
+                    line = f"{line} {word}"
+            self.help = f"{self.help or ''}\n\n\b\n" + "\n".join(lines + [line])
             self._listed = True
         return super().get_help_record(ctx)
 
 
 def parse_options(pairs) -> dict:
+    """KEY=VALUE pairs -> {key: value} (numbers cast; each method's declaration parses them for good)."""
     options = {}
     for pair in pairs:
-        if "=" not in pair:
+        if "=" not in pair or not pair.split("=", 1)[0].strip():
             raise SaliencyError(f"--option {pair!r}: expected KEY=VALUE")
         key, value = pair.split("=", 1)
+        key = key.strip()
+        if key in options:
+            raise SaliencyError(f"--option {key}: given twice")
         for cast in (int, float):
             try:
                 value = cast(value)
                 break
             except ValueError:
                 continue
-        options[key.strip()] = value
+        options[key] = value
+    return options
+
+
+FLAG_OPTIONS = {"composite": "--composite", "rule_map": "--rule-map"}
+
+
+def method_options(pairs, methods, **from_flags) -> dict:
+    """The --option pairs (and options set by their own flag, such as composite=--composite) checked against
+    what `methods` declare: an unknown key or a bad value is an error before any model is loaded."""
+    from onnx_saliency.methods.options import check_options
+
+    options = parse_options(pairs)
+    for key, value in from_flags.items():
+        if value is not None:
+            if key in options:
+                raise SaliencyError(f"{FLAG_OPTIONS.get(key, key)} and --option {key}: give it once")
+            options[key] = value
+    check_options(methods, options, FLAG_OPTIONS)
     return options
 
 
@@ -131,6 +181,8 @@ def parse_target(target):
     if target is None:
         return None
     parts = [t.strip() for t in target.split(",")]
+    if not all(parts):
+        raise SaliencyError(f"--target {target!r}: an empty class in the list")
     return parts[0] if len(parts) == 1 else parts
 
 
@@ -143,7 +195,7 @@ model_options = [
     click.option("--labels", "labels", type=click.Path(), default=None,
                  help="Class names: JSON list, Keras class-index JSON, or a text file with one name per line."),
     click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-    click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads."),
+    click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (1..1024)."),
 ]
 
 
@@ -156,8 +208,10 @@ def with_model_options(fn):
 def explainer_from_options(model, preset, resize, crop, resize_mode, labels, provider, threads):
     from onnx_saliency import Explainer
 
-    return Explainer(model, preset=preset, provider=provider, threads=threads, labels=labels,
-                     resize=resize, crop=crop, resize_mode=resize_mode)
+    ex = Explainer(model, preset=preset, provider=provider, threads=threads, labels=labels,
+                   resize=resize, crop=crop, resize_mode=resize_mode)
+    ex.check_session()
+    return ex
 
 
 def parse_bytes(text: str, option: str) -> int:
@@ -229,3 +283,22 @@ def note(text: str, quiet: bool = False) -> None:
     """An informational line on stderr (what was assumed, what was done), silenced by --quiet."""
     if not quiet:
         click.echo(f"note: {text}", err=True)
+
+
+def rendering_options(f):
+    """--clip-percentile and --blend: how the commands that draw maps (explain, compare) colour signed and pixel
+    maps (onnx_saliency.output.postprocess.render)."""
+    f = click.option("--blend", is_flag=True, help="Draw signed and pixel maps over a grey copy of the photo "
+                     "(colour where the map is strong); default: a heatmap of its own. CAMs are always overlaid.")(f)
+    f = click.option("--clip-percentile", type=float, default=99.5, show_default=True,
+                     help="Signed maps: colours saturate at this percentile of |R| (symmetric, white = 0); "
+                     "unsigned pixel maps: at this percentile of the map. 100 = the maximum.")(f)
+    return f
+
+
+def rendering_from_options(clip_percentile: float, blend: bool):
+    from onnx_saliency.output.sidecar import Rendering
+
+    if not 0 < clip_percentile <= 100:
+        raise SaliencyError(f"--clip-percentile {clip_percentile:g}: must be in (0, 100]")
+    return Rendering(clip_percentile=clip_percentile, blend=blend)

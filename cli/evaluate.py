@@ -8,7 +8,7 @@ import click
 
 from onnx_saliency.errors import SaliencyError
 
-from .common import (explainer_from_options, fail_cleanly, parse_options, parse_target, progress, quiet_option,
+from .common import (explainer_from_options, fail_cleanly, method_options, parse_target, progress, quiet_option,
                      speak_up, split_model_and_images, with_model_options)
 
 
@@ -72,14 +72,14 @@ def evaluate(inputs, methods, metrics, annotations, out_dir, layers, target, bat
     for label, value in (("--batch-size", batch_size), ("--metric-batch-size", metric_batch_size), ("--step", step)):
         if value < 1:
             raise SaliencyError(f"{label} {value}: must be at least 1")
-    for m in methods:
-        get_method(m)  # unknown methods fail before any work
+    options = method_options(option_pairs, [get_method(m) for m in methods])  # unknown methods and
+    # options fail before any work
     ann = load_annotations(annotations) if annotations is not None else None
     settings = Settings(step=step, deletion_baseline=deletion_baseline, insertion_baseline=insertion_baseline,
                         ad_variant=ad_variant, tolerance=tolerance, threshold=threshold, sanity_steps=sanity_steps,
                         sanity_images=sanity_images, seed=seed, batch_size=batch_size,
                         metric_batch_size=metric_batch_size, layers=list(layers) or ["auto"],
-                        target=parse_target(target), options=parse_options(option_pairs))
+                        target=parse_target(target), options=options)
     ex = explainer_from_options(model, **model_kw)
     speak_up(ex, inputs, model, quiet)
     n_sanity = min(len(images), sanity_images if sanity_images is not None else len(images))
@@ -94,12 +94,15 @@ def evaluate(inputs, methods, metrics, annotations, out_dir, layers, target, bat
         click.echo(f"  {line}")
     written = write_evaluation(result, Path(out_dir))
     click.echo(f"wrote {len(written)} file(s) to {out_dir}")
-    if result.failed:
+    if result.failed or result.skipped:
         from onnx_saliency.output.batch import PartialFailure
 
         # keys: a method (left out entirely) or "method sanity-mode" (only that check's cells are empty)
-        raise PartialFailure("; ".join(f"-m {key} failed; its cells are empty" if " " in key
-                                       else f"-m {key} failed and is left out of the evaluation"
-                                       for key in result.failed))
+        parts = [f"-m {key} failed; its cells are empty" if " " in key
+                 else f"-m {key} failed and is left out of the evaluation" for key in result.failed]
+        if result.skipped:
+            parts.insert(0, f"{len(result.skipped)} of {len(images)} image(s) failed and were skipped: "
+                            f"{', '.join(result.skipped)}")
+        raise PartialFailure("; ".join(parts))
 
 

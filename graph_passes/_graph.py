@@ -511,3 +511,59 @@ def ancestors(graph: onnx.GraphProto, tensors) -> set[str]:
         if node is not None:
             stack.extend(i for i in node.input if i)
     return seen
+
+
+def _outer_names(node: onnx.NodeProto) -> list[str]:
+    """Tensors a node reads: its inputs and whatever its subgraphs (If/Loop/Scan bodies) read from outside."""
+    names = [i for i in node.input if i]
+    for a in node.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            local = {t.name for t in sub.initializer} | {vi.name for vi in sub.input}
+            for n in sub.node:
+                local.update(o for o in n.output if o)
+            names += [t for n in sub.node for t in _outer_names(n) if t not in local]
+    return names
+
+
+def is_topological(graph: onnx.GraphProto) -> bool:
+    """Does every node come after the producers of everything it reads (as ONNX requires)?"""
+    produced = {t.name for t in graph.initializer} | {vi.name for vi in graph.input}
+    made_by_nodes = {o for n in graph.node for o in n.output if o}
+    for node in graph.node:
+        if any(t in made_by_nodes and t not in produced for t in _outer_names(node)):
+            return False
+        produced.update(o for o in node.output if o)
+    return True
+
+
+def execution_order(graph: onnx.GraphProto, tensors) -> list[onnx.NodeProto]:
+    """The nodes the given tensors depend on, in the order an evaluator computes them from the data flow alone:
+    depth first from the given tensors, each node's operands in operand order, a node after its operands.
+
+    The node listing is not used, so no pass that re-sorts a graph can change this order. For parallel branches
+    it is the order in which the framework's code wrote the operands of their merge: torchvision's
+    `out += identity` exports Add(main, shortcut), Keras' `Add()([shortcut, x])` the other way round, and
+    both frameworks run (and hook) the branches in that order."""
+    prod = {o: n for n in graph.node for o in n.output if o}
+    order: list[onnx.NodeProto] = []
+    done: set[int] = set()
+    for root in tensors:
+        node = prod.get(root)
+        if node is None or id(node) in done:
+            continue
+        stack = [(node, iter(_outer_names(node)))]
+        on_path = {id(node)}
+        while stack:
+            current, operands = stack[-1]
+            for t in operands:
+                child = prod.get(t)
+                if child is not None and id(child) not in done and id(child) not in on_path:
+                    stack.append((child, iter(_outer_names(child))))
+                    on_path.add(id(child))
+                    break
+            else:
+                stack.pop()
+                on_path.discard(id(current))
+                done.add(id(current))
+                order.append(current)
+    return order

@@ -25,8 +25,8 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper, version_converter
 
 from ._graph import (MIN_IR, MIN_OPSET, GraphPassError, attrs, checked, clone, consumers, graph_inputs, infer,
-                     initializers, new_initializer, opset_of, placeholder_ref, producers, tensor_array, tensor_infos,
-                     unique_node_names)
+                     initializers, is_topological, new_initializer, opset_of, placeholder_ref, producers,
+                     tensor_array, tensor_infos, unique_node_names)
 from .fuse_affine import fuse_affine as fuse_affine_pass
 from .precision import to_float32
 from .shape_probe import probe_shapes
@@ -148,7 +148,7 @@ def _fold_constants(m: onnx.ModelProto, report: CanonicalizeReport) -> onnx.Mode
     graph = gs.import_onnx(infer(proto, inplace=True))
     before = {n.name or id(n): n.op for n in graph.nodes}
     try:
-        graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+        graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False)
     except Exception as err:  # folding is an optimisation: a failure must not block the explanation
         report.removed.append(f"(constant folding skipped: {str(err).splitlines()[0]})")
         return m
@@ -156,6 +156,10 @@ def _fold_constants(m: onnx.ModelProto, report: CanonicalizeReport) -> onnx.Mode
     report.removed += [f"{op} {str(name).removesuffix(_NODE_SUFFIX)} (constant)" for name, op in before.items()
                        if name not in after]
     out = gs.export_onnx(graph, do_type_check=False)
+    if not is_topological(out.graph):
+        # only a listing that is not topological is re-sorted: a fresh sort would reorder parallel branches
+        # (a ResNet shortcut conv ahead of its block's convs) against the order the exporter ran them in
+        out = gs.export_onnx(gs.import_onnx(out).toposort(), do_type_check=False)
     for node in out.graph.node:
         node.name = node.name.removesuffix(_NODE_SUFFIX)
     out.ir_version = max(m.ir_version, MIN_IR)
@@ -266,17 +270,64 @@ def _drop_unused_initializers(g: onnx.GraphProto) -> None:
             del g.initializer[i]
 
 
+# per-channel preprocessing that Keras models carry inside (Rescaling, Normalization) sits before the
+# layout Transpose; it commutes with the Transpose once its constants are permuted to NCHW
+_PREPROCESSING_OPS = ("Mul", "Add", "Sub", "Div")
+
+
+def _nchw_constant(value: np.ndarray) -> np.ndarray | None:
+    """An NHWC-broadcasting constant as the NCHW one, or None when it does not broadcast over (N, H, W, C)."""
+    if value.ndim > 4:
+        return None
+    v = value.reshape((1,) * (4 - value.ndim) + value.shape)
+    if v.shape[0] != 1 or v.shape[1] != 1 or v.shape[2] != 1:
+        return None  # varies over the batch or space: not preprocessing we can move
+    return np.ascontiguousarray(v.transpose(0, 3, 1, 2))
+
+
+def _preprocessing_chain(g: onnx.GraphProto, start: str, cons, inits) -> tuple[list, onnx.NodeProto] | None:
+    """The pointwise constant ops from the input to its Transpose(perm=[0,3,1,2]), and that Transpose."""
+    chain, tensor = [], start
+    while True:
+        users = cons.get(tensor, [])
+        if len(users) != 1 or tensor in {o.name for o in g.output}:
+            return None
+        node = users[0]
+        if node.op_type == "Transpose":
+            return (chain, node) if list(attrs(node).get("perm", [])) == [0, 3, 1, 2] else None
+        if node.op_type not in _PREPROCESSING_OPS or len(node.input) != 2:
+            return None
+        other = node.input[1] if node.input[0] == tensor else node.input[0]
+        if other == tensor or other not in inits or _nchw_constant(inits[other]) is None:
+            return None
+        chain.append(node)
+        tensor = node.output[0]
+
+
 def _absorb_input_transpose(m: onnx.ModelProto, report: CanonicalizeReport) -> None:
     g = m.graph
     cons = consumers(g)
+    inits = {i.name: tensor_array(i) for i in g.initializer
+             if len(i.dims) <= 4 and int(np.prod(i.dims)) <= 4096}
     for vi in graph_inputs(m):
         dims = vi.type.tensor_type.shape.dim
-        users = cons.get(vi.name, [])
-        if len(dims) != 4 or len(users) != 1 or users[0].op_type != "Transpose":
+        if len(dims) != 4:
             continue
-        tr = users[0]
-        if list(attrs(tr).get("perm", [])) != [0, 3, 1, 2]:
+        found = _preprocessing_chain(g, vi.name, cons, inits)
+        if found is None:
             continue
+        chain, tr = found
+        for node in chain:  # the constants become NCHW; new names, as another node may share the NHWC one
+            tensor_in = vi.name if node is chain[0] else chain[chain.index(node) - 1].output[0]
+            k = 1 if node.input[0] == tensor_in else 0
+            name = f"{node.input[k]}__nchw"
+            if name not in {i.name for i in g.initializer}:
+                g.initializer.append(numpy_helper.from_array(_nchw_constant(inits[node.input[k]]), name))
+            node.input[k] = name
+        moved = {n.output[0] for n in chain}
+        keep = [v for v in g.value_info if v.name not in moved]  # their NHWC shapes no longer hold
+        del g.value_info[:]
+        g.value_info.extend(keep)
         n, h, w, c = list(dims)
         new_dims = [onnx.TensorShapeProto.Dimension(), onnx.TensorShapeProto.Dimension(),
                     onnx.TensorShapeProto.Dimension(), onnx.TensorShapeProto.Dimension()]
@@ -284,10 +335,14 @@ def _absorb_input_transpose(m: onnx.ModelProto, report: CanonicalizeReport) -> N
             new.CopyFrom(old)
         del vi.type.tensor_type.shape.dim[:]
         vi.type.tensor_type.shape.dim.extend(new_dims)
-        _rewire(g, tr.output[0], vi.name)
+        _rewire(g, tr.output[0], chain[-1].output[0] if chain else vi.name)
         g.node.remove(tr)
         report.absorbed_transpose = tr.name
+        if chain:
+            names = ", ".join(n.name or n.op_type for n in chain)
+            report.notes.append(f"moved the input preprocessing before {tr.name} ({names}) to NCHW")
         m.metadata_props.append(onnx.StringStringEntryProto(key=META_ORIGINAL_LAYOUT, value="NHWC"))
+    _drop_unused_initializers(g)
 
 
 def _normalise_flatten(m: onnx.ModelProto, report: CanonicalizeReport) -> None:

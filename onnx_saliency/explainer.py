@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from .intake.labels import load_labels
 from .intake.layers import Layer, candidate_layers, resolve_layer
 from .methods import Result, get_method
 from .methods.base import Request
+from .methods.options import check_options
 from .intake.model import LoadedModel, load_model
 from .intake.preprocess import PRESETS, Preprocessing, load_image, prepare
 from .models import label_names
@@ -25,6 +27,7 @@ class Explainer:
                  labels=None, fuse_affine: bool = False, cache=None, **preprocessing_overrides):
         """cache: a folder for rewritten graphs (engine.cache), None for the default ($ONNX_SALIENCY_CACHE, else
         the user's cache folder), False for none."""
+        check_threads(threads)
         self.model: LoadedModel = load_model(path, fuse_affine=fuse_affine)
         self.engine = Engine(self.model, provider=provider, threads=threads)
         self.use_cache(cache)
@@ -32,6 +35,7 @@ class Explainer:
         self.preprocessing: Preprocessing = pre.with_overrides(preset=preset, **preprocessing_overrides)
         # what was chosen for the user without a word from them or the model: said on stderr and in sidecars
         self.assumptions: list[str] = []
+        self.assumptions += self.model.notes
         if preset is None and _preset_assumed(self.model):
             p = self.preprocessing
             sizes = f"resize {p.resize} ({p.resize_mode}), crop {p.crop}" if p.resize_mode != "none" else "no resize"
@@ -48,6 +52,7 @@ class Explainer:
     def from_loaded(cls, model: LoadedModel, preprocessing: Preprocessing, provider: str = "cpu",
                     threads: int | None = None) -> "Explainer":
         """An Explainer over a model loaded elsewhere (a scale-out actor gets it from the driver, not the file)."""
+        check_threads(threads)
         self = cls.__new__(cls)
         self.model = model
         self.engine = Engine(model, provider=provider, threads=threads)
@@ -105,7 +110,8 @@ class Explainer:
         return np.array([self._class_index(t) for t in items], np.int64)
 
     def _class_index(self, t) -> int:
-        if isinstance(t, (int, np.integer)) or (isinstance(t, str) and t.lstrip("-").isdigit()):
+        # ASCII digits only: str.isdigit() also accepts '²', which int() then refuses
+        if isinstance(t, (int, np.integer)) or (isinstance(t, str) and re.fullmatch(r"-?[0-9]+", t.strip())):
             i = int(t)
             if not 0 <= i < self.model.num_classes and i != -1:
                 raise SaliencyError(f"--target {t}: class index out of range 0..{self.model.num_classes - 1}")
@@ -127,8 +133,9 @@ class Explainer:
     # --- explaining -------------------------------------------------------------------------------------
     def explain(self, inputs, method: str = "gradcam", layer="auto", target=None, batch_size: int = 32,
                 **options) -> Result:
-        x, display = self.prepare(inputs)
         m = get_method(method)
+        check_options([m], options)  # a typo or a bad value fails before any work
+        x, display = self.prepare(inputs)
         specs = layer if isinstance(layer, (list, tuple)) else [layer]
         layers = [self.resolve_layer(s) for s in specs] if m.uses_layer else []
         req = Request(self.engine, x, self.targets(target, len(x)), layers, options, batch_size)
@@ -136,9 +143,55 @@ class Explainer:
         result.display = display
         return result
 
+    def check_session(self) -> None:
+        """Build the plain forward session now (it is cached for the first run): a model onnxruntime cannot
+        load (an opset newer than the runtime, weights contradicting the graph) fails here as one error line,
+        before any image is read, rather than once per image."""
+        from graph_passes import GraphPassError
+
+        try:
+            self.engine.session(*self.engine.graph())
+        except GraphPassError:  # our rewrite does not apply (an exported explain graph): load the model as is
+            self.engine.session(("model",), lambda canonical: canonical)
+
+    def run_settings(self, method: str, layer, target: int, options: dict) -> dict:
+        """What decides one image's map besides the model and the image: the layer as asked (layer methods
+        only), the target as asked (-1 = top-1), the preprocessing and the method's options as used (given,
+        else default). The sidecar records it; `explain --resume` redoes outputs whose settings differ."""
+        m = get_method(method)
+        specs = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+        used = {}
+        for name, opt in m.declared_options(options).items():
+            value = opt.default if options.get(name) is None else opt.parse(options[name], m.name)
+            used[name] = f"<array {list(np.shape(value))} sha256 {_digest(value)}>" if isinstance(
+                value, np.ndarray) else value
+        pre = self.preprocessing
+        return {"layer": [str(s) for s in specs] if m.uses_layer else [], "target": int(target),
+                "preprocessing": vars(pre) if hasattr(pre, "__dict__") else str(pre), "options": used}
+
+    @staticmethod
+    def options_of(method: str, given: dict | None = None) -> dict:
+        """name -> Option the method declares (for callers sharing one options dict among methods)."""
+        return get_method(method).declared_options(given or {})
+
     def predict(self, inputs, batch_size: int = 32) -> np.ndarray:
         x, _ = self.prepare(inputs)
         return self.engine.forward(x, batch_size)[self.model.score_tensor]
+
+
+def _digest(array: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+MAX_THREADS = 1024  # onnxruntime starts every thread up front: a typo such as 100000 hangs the machine
+
+
+def check_threads(threads) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or not 1 <= threads <= MAX_THREADS):
+        raise SaliencyError(f"--threads {threads}: expected a whole number from 1 to {MAX_THREADS}")
 
 
 def _preset_assumed(model: LoadedModel) -> bool:

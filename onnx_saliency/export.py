@@ -164,7 +164,7 @@ def _pixel_graph(explainer, name, composite, rule_map, init, info):
     if name in ("lrp", "excitation-backprop"):
         from . import lrp as L
 
-        default = "excitation-backprop" if name == "excitation-backprop" else "epsilon-plus-flat"
+        default = "excitation-backprop" if name == "excitation-backprop" else L.DEFAULT_COMPOSITE
         comp = L.resolve_composite(explainer.engine, composite or default, rule_map)
         init = init or ("one" if name == "excitation-backprop" else "logit")
         g = L.build_relevance_graph(model.canonical, score, model.num_classes, [x], comp, init)

@@ -132,8 +132,7 @@ FAMILIES = {
     "vgg": (_vgg, 56, {}),
     "convnext": (_convnext, 32, {}),
     "shufflenet": (_shufflenet, 32, {}),
-    "vit": (_vit, 32, {"legacy": "attention (Softmax, MatMul of two activations) and the class-token Concat",
-                       "dynamo": "attention (Softmax, MatMul of two activations)"}),
+    "vit": (_vit, 32, {}),
 }
 
 

@@ -171,12 +171,12 @@ def test_rule_report_lists_rules_bn_and_residuals(tmp_path):
 # --- errors ------------------------------------------------------------------------------------------------
 
 def test_unsupported_ops_listed_before_computing(tmp_path):
-    """A product of two independent activations and an in-network Softmax have gradients but no relevance rule
-    (an exported GELU's or Mish's product is a gate, see test_lrp_ops)."""
+    """An in-network LogSoftmax has a gradient but no relevance rule: named before anything runs (a product of
+    two independent activations takes AttnLRP's uniform rule, see test_lrp_ops)."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
              helper.make_node("Conv", ["x", "w2"], ["d"], name="conv2"),
-             helper.make_node("Softmax", ["c"], ["e"], axis=1, name="softmax_node"),
+             helper.make_node("LogSoftmax", ["c"], ["e"], axis=1, name="logsoftmax_node"),
              helper.make_node("Mul", ["e", "d"], ["m"], name="product"),
              helper.make_node("GlobalAveragePool", ["m"], ["g"], name="gap"),
              helper.make_node("Flatten", ["g"], ["logits"], axis=1, name="flat")]
@@ -187,10 +187,10 @@ def test_unsupported_ops_listed_before_computing(tmp_path):
         lrp.relevance_at(engine, _x(shape=(3, 6, 6)), composite="epsilon-plus-flat")
     msg = str(err.value)
     assert "\n" not in msg
-    assert "no relevance rule for 2 node(s): Softmax (1: softmax_node); Mul (1: product)" in msg
+    assert "no relevance rule for 1 node(s): LogSoftmax (1: logsoftmax_node)" in msg
     assert engine.calls == 0
     report = lrp.rule_report(engine.model, lrp.get_composite("epsilon"))
-    assert report[-1] == "nodes without a rule (2): Softmax (1: softmax_node); Mul (1: product)"
+    assert report[-1] == "nodes without a rule (1): LogSoftmax (1: logsoftmax_node)"
 
 
 def test_rule_must_fit_the_node(tmp_path):

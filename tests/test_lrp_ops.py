@@ -212,9 +212,10 @@ def test_convtranspose_layer_rules_match_their_definition(tmp_path):
     np.testing.assert_allclose(zp["relevance"]["x"], x * jt, rtol=1e-4, atol=1e-6)
 
 
-def test_products_of_independent_activations_stay_refused(tmp_path):
-    """Attention's softmax(q k^T) v and a product of two unrelated branches have no rule here (AttnLRP's rule is
-    a separate step): the error names them, per op type, on one line."""
+def test_products_of_activations_take_attnlrps_rules(tmp_path):
+    """Attention's softmax(q k^T) v and a product of two unrelated branches: the uniform rule (half of the
+    relevance to each operand, so the node conserves), the Softmax its z-rule through its Jacobian; CP-LRP holds
+    the attention probabilities fixed, so nothing reaches the Softmax and `mix` hands all its relevance to q."""
     rng = np.random.default_rng(4)
     nodes = [_n("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), _n("Conv", ["x", "w2"], ["b"], pads=[1, 1, 1, 1]),
              _n("Mul", ["a", "b"], ["ab"], name="branch_product"),
@@ -226,12 +227,16 @@ def test_products_of_independent_activations_stay_refused(tmp_path):
                        {"w1": _w(rng, 4, 3, 3, 3), "w2": _w(rng, 4, 3, 3, 3), "flat_hw": np.array([0, 4, 16], np.int64),
                         "ax": np.array([2], np.int64)}, opset=18)
     engine = _engine(model, tmp_path)
-    with pytest.raises(UnsupportedModelError) as err:
-        lrp.relevance_at(engine, _x((3, 4, 4)), composite="epsilon")
-    msg = str(err.value)
-    assert "\n" not in msg
-    assert ("no relevance rule for 4 node(s): Mul (1: branch_product); MatMul (2: scores, mix); "
-            "Softmax (1: softmax)") in msg
+    x = _x((3, 4, 4))
+    rows = {r["node"]: r for r in lrp.conservation_table(engine, x, composite="epsilon")}
+    assert rows["mix"]["rule"].startswith("uniform") and rows["softmax"]["rule"].startswith("norm")
+    for name in ("branch_product", "scores", "mix"):
+        r = rows[name]
+        np.testing.assert_allclose(r["in"], r["out"], rtol=1e-4, atol=1e-6 * np.abs(r["out"]).max())
+    cp = {r["node"]: r for r in lrp.conservation_table(engine, x, composite="cp-lrp")}
+    assert "softmax" not in cp and "scores" not in cp  # no relevance reaches them
+    np.testing.assert_allclose(cp["mix"]["in"], cp["mix"]["out"], rtol=1e-4, atol=1e-6)
+    assert not np.allclose(cp["branch_product"]["out"], rows["branch_product"]["out"])
 
 
 def test_decomposed_gelu_and_mish_variants_are_gates():
@@ -294,3 +299,36 @@ def test_norm_reductions_conserve(tmp_path, op):
     out = lrp.relevance_at(engine, _x((3, 5, 5)), composite=lrp.uniform(R.LRP0(), "lrp0", stabilizer=0.0))
     total = out["relevance"]["x"].reshape(3, -1).astype(np.float64).sum(1)
     assert _relerr(total, out["start"]).max() < 1e-4
+
+
+def _squeeze_excite(decomposed: bool, seed=6):
+    """conv -> relu -> squeeze-excitation (global mean, two 1x1 convs, hard sigmoid) -> gap -> dense; the hard
+    sigmoid as the op (torch exports) or as Keras exports it: Clip(z + 3, 0, 6) * (1/6)."""
+    rng = np.random.default_rng(seed)
+    c = {"w": _w(rng, 4, 3, 3, 3), "s1": _w(rng, 2, 4, 1, 1), "s2": _w(rng, 4, 2, 1, 1), "fc": _w(rng, 4, 5),
+         "three": np.float32(3), "zero": np.float32(0), "six": np.float32(6), "sixth": np.float32(1 / 6)}
+    nodes = [_n("Conv", ["x", "w"], ["cv"], pads=[1, 1, 1, 1]), _n("Relu", ["cv"], ["h"]),
+             _n("ReduceMean", ["h"], ["sq"], axes=[2, 3], keepdims=1), _n("Conv", ["sq", "s1"], ["e1"]),
+             _n("Relu", ["e1"], ["e1r"]), _n("Conv", ["e1r", "s2"], ["z"])]
+    if decomposed:
+        nodes += [_n("Add", ["z", "three"], ["z3"]), _n("Clip", ["z3", "zero", "six"], ["zc"]),
+                  _n("Mul", ["zc", "sixth"], ["gate"])]
+    else:
+        nodes += [_n("HardSigmoid", ["z"], ["gate"], alpha=1 / 6, beta=0.5)]
+    nodes += [_n("Mul", ["h", "gate"], ["se"]), _n("GlobalAveragePool", ["se"], ["gap"]),
+              _n("Flatten", ["gap"], ["f"]), _n("MatMul", ["f", "fc"], ["logits"])]
+    return make_model(nodes, [("x", (None, 3, 6, 6))], [("logits", (None, 5))], c, opset=17)
+
+
+def test_squeeze_excitation_gate_is_held_fixed_whichever_way_hard_sigmoid_is_written(tmp_path):
+    """The SE Mul is a gate (all relevance to the signal) both for HardSigmoid and for Keras's
+    Clip(z + 3, 0, 6) / 6, so a torch and a Keras export of one network explain alike."""
+    maps = {}
+    for decomposed in (False, True):
+        model = _squeeze_excite(decomposed)
+        se_mul = next(n.name for n in model.graph.node if n.output[0] == "se")
+        assert R.analyze(model).gates[se_mul] == 0
+        engine = _engine(model, tmp_path, f"se{int(decomposed)}.onnx")
+        out = lrp.relevance_at(engine, _x((3, 6, 6)), composite="epsilon-plus-flat")
+        maps[decomposed] = out["relevance"]["x"]
+    np.testing.assert_allclose(maps[True], maps[False], rtol=1e-4, atol=1e-6 * np.abs(maps[False]).max())

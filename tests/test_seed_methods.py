@@ -182,6 +182,11 @@ def test_guidance_cam_sidecar_says_formula_is_provisional(net):
 
 # --- contrastive excitation backprop (spec section 6) -----------------------------------------------------
 
+def test_guidance_cam_refuses_a_reference_mode(net):
+    with pytest.raises(SaliencyError, match="no reference code"):
+        net["ex"].explain(net["x"], method="guidance-cam", layer="a2", reference="true")
+
+
 def _cmwp_reference(net, targets, layer):
     """TorchRay c-MWP: EB of the target minus EB of the negated classifier, no biases, maps ReLU(sum_c)."""
     p, gap, a1, a2, c2 = net["p"], net["gap"], net["a1"], net["a2"], net["c2"]
@@ -237,7 +242,8 @@ def _resize_half_pixel(m, size):
     return rows[:, :, x0] * (1 - fx) + rows[:, :, x1] * fx
 
 
-def _ge_reference(coarse, excitations, size, variant="original", combine="sum", first="raw"):
+def _ge_reference(coarse, excitations, size, variant="original", combine="sum", first="raw", norm="zscore-clip",
+                  ddof=0):
     out = []
     for i in range(len(coarse)):
         H = coarse[i][None].astype(np.float64)
@@ -252,7 +258,7 @@ def _ge_reference(coarse, excitations, size, variant="original", combine="sum", 
                 e = np.abs(e)
             H = H * (e.sum(0) if combine == "sum" else e.max(0)) / e.max()
         H = _resize_half_pixel(H, size)[0]
-        z = np.clip((H - H.mean()) / H.std(), -1, 1)
+        z = np.clip((H - H.mean()) / H.std(ddof=ddof), -1, 1) if norm == "zscore-clip" else H
         out.append((z - z.min()) / (z.max() - z.min()))
     return np.array(out)
 
@@ -290,8 +296,13 @@ def test_ge_finds_the_down_sampling_layers_below_the_map(ge_net):
     assert downsampling_excitations(ex.model, ["a1"], scope="all") == ["input", "c1", "p1"]
 
 
-@pytest.mark.parametrize("options", [{}, {"ge_variant": "upsample"}, {"ge_input": "abs"}, {"ge_input": "skip"},
-                                     {"ge_combine": "max"}])
+REFERENCE_SETTINGS = {"ge_excitation": "output", "ge_input": "raw", "ge_normalise": "zscore-clip"}
+
+
+@pytest.mark.parametrize("options", [{}, {"ge_variant": "upsample"}, {"ge_input": "abs"}, {"ge_input": "raw"},
+                                     {"ge_combine": "max"}, {"ge_normalise": "zscore-clip"},
+                                     REFERENCE_SETTINGS, {**REFERENCE_SETTINGS, "ge_input": "skip"},
+                                     {**REFERENCE_SETTINGS, "ge_variant": "upsample"}])
 def test_ge_matches_numpy_reference(ge_net, options):
     ex, x = ge_net
     calls = ex.engine.calls
@@ -299,9 +310,12 @@ def test_ge_matches_numpy_reference(ge_net, options):
     assert ex.engine.calls == calls + 1  # the excitations come out of Grad-CAM's own run
     gradcam = ex.explain(x, method="gradcam", layer="a2")
     np.testing.assert_allclose(r.raw, gradcam.raw, rtol=1e-6)
-    acts = ex.engine.run(x, expose=["c1", "p1"])
-    ref = _ge_reference(gradcam.raw, [x, acts["c1"], acts["p1"]], (16, 16), options.get("ge_variant", "original"),
-                        options.get("ge_combine", "sum"), options.get("ge_input", "raw"))
+    acts = ex.engine.run(x, expose=["c1", "a1", "p1"])
+    # by default the strided conv's excitation is the ReLU after it, and the image (the model input) is skipped
+    stride = acts["c1"] if options.get("ge_excitation") == "output" else acts["a1"]
+    first = options.get("ge_input", "skip")
+    ref = _ge_reference(gradcam.raw, [x, stride, acts["p1"]], (16, 16), options.get("ge_variant", "original"),
+                        options.get("ge_combine", "sum"), first, options.get("ge_normalise", "minmax"))
     assert r.maps.shape == (2, 16, 16) and r.maps.min() >= 0 and r.maps.max() <= 1
     np.testing.assert_allclose(r.maps, ref, atol=2e-4)
     assert r.method == "gradcam+ge" and r.options["base"] == "gradcam"
@@ -322,6 +336,75 @@ def test_ge_wraps_any_base_with_at_most_one_extra_forward(ge_net):
         ex.explain(x, method="gradcam+ge", layer="a2", ge_variant="sideways")
     with pytest.raises(SaliencyError, match="nope"):
         get_method("nope+ge")
+
+
+def _resnet_style(order: str = "exporter"):
+    """stem (strided conv, pool) -> bottleneck block (strided 3x3 conv2, strided 1x1 shortcut, Add(main,
+    shortcut)) -> strided conv -> GAP head. Listed as torch runs it ("exporter"), shortcut first ("shortcut
+    first", still topological) or reversed (not topological)."""
+    rng = np.random.default_rng(11)
+    conv = lambda i, o, name, s=1, k=3: helper.make_node(  # noqa: E731
+        "Conv", [i, f"{name}_w", f"{name}_b"], [o], name=name, strides=[s, s], pads=[k // 2] * 4)
+    relu = lambda i, o: helper.make_node("Relu", [i], [o], name=f"relu_{o}")  # noqa: E731
+    main = [conv("input", "stem", "stem", 2), relu("stem", "stem_a"),
+            helper.make_node("MaxPool", ["stem_a"], ["pool"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+            conv("pool", "b_c1", "b_conv1", 1, 1), relu("b_c1", "b_a1"), conv("b_a1", "b_c2", "b_conv2", 2),
+            relu("b_c2", "b_a2"), conv("b_a2", "b_c3", "b_conv3", 1, 1)]
+    shortcut = [conv("pool", "b_sc", "b_shortcut", 2, 1)]
+    tail = [helper.make_node("Add", ["b_c3", "b_sc"], ["b_sum"], name="b_add"), relu("b_sum", "b_out"),
+            conv("b_out", "top", "top", 2), relu("top", "top_a"),
+            helper.make_node("GlobalAveragePool", ["top_a"], ["gap"], name="gap"),
+            helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+            helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc")]
+    nodes = {"exporter": main + shortcut + tail, "shortcut first": main[:3] + shortcut + main[3:] + tail,
+             "reversed": (main + shortcut + tail)[::-1]}[order]
+    shapes = {"stem": (6, 3, 3), "b_conv1": (4, 6, 1), "b_conv2": (4, 4, 3), "b_conv3": (8, 4, 1),
+              "b_shortcut": (8, 6, 1), "top": (8, 8, 3)}
+    inits = {"fc": rng.standard_normal((CLASSES, 8)).astype(np.float32)}
+    for name, (o, i, k) in shapes.items():
+        inits[f"{name}_w"] = (rng.standard_normal((o, i, k, k)) / np.sqrt(i * k * k)).astype(np.float32)
+        inits[f"{name}_b"] = (rng.standard_normal(o) * 0.1).astype(np.float32)
+    graph = helper.make_graph(nodes, "resnet_style",
+                              [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["n", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["n", CLASSES])],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model.metadata_props.append(onnx.StringStringEntryProto(key="onnx_saliency.preset", value="raw"))
+    return model
+
+
+def test_canonical_graphs_keep_the_exporters_order_and_ge_runs_in_execution_order(tmp_path):
+    """Regression (issue 17 item 1): a fresh toposort lists the shortcut conv ahead of conv2; canonicalisation
+    keeps the exporter's order, and GE reads the execution order from the data flow whatever the listing."""
+    import onnx_graphsurgeon as gs
+
+    from graph_passes.canonicalize import canonicalize
+
+    model = _resnet_style()
+    listed = [n.name for n in model.graph.node]
+    resorted = [n.name for n in gs.export_onnx(gs.import_onnx(model).toposort()).graph.node]
+    assert resorted != listed and resorted.index("b_shortcut") < resorted.index("b_conv2")  # the premise
+    assert [n.name for n in canonicalize(model).graph.node] == listed
+    backwards = canonicalize(_resnet_style("reversed"))  # a listing that is not topological is sorted
+    assert sorted(n.name for n in backwards.graph.node) == sorted(listed)
+
+    expected = ["input", "stem", "pool", "b_c2", "b_sc", "top"]
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    maps = {}
+    for order in ("exporter", "shortcut first"):  # (reading a model refuses a non-topological listing)
+        onnx.save(_resnet_style(order), tmp_path / "m.onnx")
+        ex = Explainer(tmp_path / "m.onnx")
+        assert downsampling_excitations(ex.model, ["top_a"]) == expected, order
+        maps[order] = ex.explain(x, method="gradcam+ge", layer="top_a", reference="v2")
+    gradcam = ex.explain(x, method="gradcam", layer="top_a")
+    acts = ex.engine.run(x, expose=expected[1:])
+    hooked = [x] + [acts[t] for t in expected[1:]]  # as the reference's forward hooks record them
+    ref = _ge_reference(gradcam.raw, hooked, (32, 32), "upsample", ddof=1)
+    for order, r in maps.items():
+        np.testing.assert_allclose(r.maps, ref, atol=2e-4, err_msg=order)
+    # the test can tell: with conv2 kept instead of the shortcut (the old listing bug) the map differs
+    swapped = _ge_reference(gradcam.raw, [hooked[i] for i in (0, 1, 2, 4, 3, 5)], (32, 32), "upsample", ddof=1)
+    assert np.abs(swapped - ref).max() > 0.1
 
 
 class _Constant(Method):
@@ -371,6 +454,41 @@ def test_seed_methods_on_shared_models(shared):
                 assert np.isfinite(m).all() and np.ptp(m) > 0, f"{name} {method}: {what} constant or not finite"
             assert r.maps.shape == (1, 224, 224), (name, method)
     assert time.perf_counter() - start < 60  # generous on a shared 2-core machine; typically about 12 s
+
+
+@pytest.mark.shared
+def test_ge_default_sharpens_gradcam_on_real_photos(shared):
+    """Issue 17 item 6: on EfficientNet-Lite0 the default GE map follows Grad-CAM (positive correlation on every
+    photo, Grad-CAM's pointing game kept), where the reference settings invert it on the dark dog. The
+    numbers behind the choice: benchmarks/ge_defaults.py -> docs/ge_defaults.md."""
+    from onnx_saliency.evaluation import metrics as M
+    from onnx_saliency.evaluation.annotations import load_annotations
+
+    ex = Explainer(shared / "models" / "efficientnet_lite0.onnx", threads=2)
+    photos = [shared / "images" / "darknet" / f for f in ("dog.jpg", "eagle.jpg", "person.jpg")]
+
+    def pearson(a, b):
+        return np.array([np.corrcoef(u.ravel(), v.ravel())[0, 1] for u, v in zip(a, b)])
+
+    gradcam = ex.explain(photos, method="gradcam").maps
+    r = pearson(ex.explain(photos, method="gradcam+ge").maps, gradcam)
+    assert (r > 0.85).all(), r
+    old = pearson(ex.explain(photos, method="gradcam+ge", ge_excitation="output", ge_input="raw",
+                             ge_normalise="zscore-clip").maps, gradcam)
+    assert old[0] < -0.3, old  # the reference settings invert the dog (the test can tell)
+
+    folder = shared / "images" / "imagenet_val"
+    names = sorted(load_annotations(folder / "annotations.json"))[:5]  # the 224x224 copies, fed as they are
+    ann = load_annotations(folder / "annotations.json")
+    pre = ex.preprocessing.with_overrides(resize_mode="none")
+    from onnx_saliency.intake.preprocess import load_image, prepare
+
+    x, _ = prepare([load_image(folder / n) for n in names], pre)
+    targets = [ann[n].classes[0] for n in names]
+    regions = [ann[n].regions(t, (224, 224), pre) for n, t in zip(names, targets)]
+    hits = {m: M.pointing_game(ex.explain(x, method=m, target=targets).maps, regions, 0.0).sum()
+            for m in ("gradcam", "gradcam+ge")}
+    assert hits["gradcam+ge"] >= hits["gradcam"], hits
 
 
 # --- compare ----------------------------------------------------------------------------------------------

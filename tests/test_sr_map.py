@@ -113,7 +113,7 @@ def test_composite_option_and_errors(net):
     np.testing.assert_allclose(as_lrp.attributions, sr.attributions, rtol=1e-6)
     with pytest.raises(SaliencyError, match="--composite 'nope': unknown"):
         ex.explain(net["x"][:1], method="sr-map", composite="nope")
-    with pytest.raises(SaliencyError, match="heatmap_mode 'color'"):
+    with pytest.raises(SaliencyError, match="heatmap_mode='color'"):
         ex.explain(net["x"][:1], method="sr-map", heatmap_mode="color")
 
 

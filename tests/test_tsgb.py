@@ -124,7 +124,7 @@ def build_net(folder):
     return dict(path=path, x=x, p={k: v.astype(np.float64) for k, v in p.items()})
 
 
-def reference_map(x, p, targets):
+def reference_map(x, p, targets, group=4):
     x = x.astype(np.float64)
     c1 = conv_np(x, p["w1"], p["b1"], pad=1)
     a1 = np.maximum(c1, 0)
@@ -145,7 +145,7 @@ def reference_map(x, p, targets):
     share = np.repeat(np.repeat(g_ap * ap / 4, 2, axis=2), 2, axis=3)
     g_res = share / (res + EPS)
     g_c2 = g_res * (c2 > 0)
-    g_bn = tsgb_conv_np(bn, c2, g_c2, k=3, pad=1, group=4)
+    g_bn = tsgb_conv_np(bn, c2, g_c2, k=3, pad=1, group=group)
     g_p1 = g_res + g_bn * bn / (p1 + EPS)
     g_c1 = maxpool_route(a1, g_p1) * (c1 > 0)
     g_x = tsgb_conv_np(x, c1, g_c1, k=3, pad=1)
@@ -162,7 +162,20 @@ def test_tsgb_matches_numpy_reference(net):
         scale = np.abs(ref).max()
         np.testing.assert_allclose(r.maps, ref, rtol=1e-3, atol=1e-4 * scale)
         np.testing.assert_allclose(r.attributions.sum(1), r.maps, rtol=1e-5, atol=1e-7 * scale)
-    assert r.notes == ["TSGB-FC on fc (Gemm)"]
+    assert r.notes[0] == "TSGB-FC on fc (Gemm)" and "within each group" in r.notes[1]
+
+
+def test_tsgb_reference_ignores_the_groups_as_the_authors_code(net):
+    """reference=true: the grouped conv redistributes over all its channels (the reference's slim backward)."""
+    ex = Explainer(net["path"])
+    targets = np.array([0, 3, 4])
+    r = ex.explain(net["x"], method="tsgb", target=list(targets), reference="true")
+    ref, _, _, _ = reference_map(net["x"], net["p"], targets, group=1)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(r.maps, ref, rtol=1e-3, atol=1e-4 * scale)
+    per_group, _, _, _ = reference_map(net["x"], net["p"], targets)
+    assert np.abs(per_group - ref).max() > 1e-2 * scale  # the two differ on this net
+    assert r.options["reference"] == "true" and "over all channels" in r.notes[1]
 
 
 def test_tsgb_fc_rectified_contribution_sums_to_zero(net):

@@ -747,3 +747,17 @@ def test_upsample_from_opset9_through_canonicalize():
     nodes = [_n("Upsample", ["x", "sc"], ["u"], mode="nearest"), _n("Upsample", ["u", "sc2"], ["y"], mode="linear")]
     inits = {"sc": np.array([1, 1, 2, 2], np.float32), "sc2": np.array([1, 1, 1.5, 1], np.float32)}
     _op_case(nodes, (1, 2, 2, 3), inits, opset=9, canonical=True)
+
+
+def test_slice_over_a_dynamic_batch_from_start_to_end():
+    """Keras Cropping2D through tf2onnx slices every axis, the dynamic batch from 0 to INT_MAX included (NASNet):
+    that axis is whole, so the backward needs no static size there; a partial slice of it still refuses."""
+    inits = {"st": np.array([0, 0, 1, 1], np.int64), "en": np.array([2 ** 31 - 1, 3, 4, 5], np.int64)}
+    node = _n("Slice", ["x", "st", "en"], ["y"])
+    model = make_model([node], [("x", (None, 3, 5, 6))], [("y", None)], inits)
+    x = np.random.default_rng(3).standard_normal((2, 3, 5, 6)).astype(np.float32)
+    _fd_check(model, "x", x.shape, "y", np.random.default_rng(4), x=x)
+    partial = {"st": np.array([1, 0], np.int64), "en": np.array([2 ** 31 - 1, 3], np.int64)}
+    model = make_model([node], [("x", (None, 3, 5, 6))], [("y", None)], partial)
+    with pytest.raises(GraphPassError, match="sliced axis 0 must be static"):
+        append_vjp(model, "y", ["x"])

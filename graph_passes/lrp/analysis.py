@@ -40,6 +40,9 @@ class LRPAnalysis:
     activations: set = field(default_factory=set)     # tensors that depend on a graph input
     floor_zero: set = field(default_factory=set)      # Relu and Clip(0, .) nodes: output <= 0 iff input <= 0
     normalising_divs: set = field(default_factory=set)  # Div nodes whose divisor is computed from the numerator
+    products: dict = field(default_factory=dict)      # MatMul/Mul of two activations (not a gate) -> the index of
+                                                      # the operand holding attention probabilities (a Softmax
+                                                      # seen through data movement), -1 when neither does
 
 
 _NONNEG_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
@@ -153,13 +156,17 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
             if not all(live_in):
                 a.gates[node.name] = live_in.index(True) if any(live_in) else -1
             else:
-                gate = [s is not None and s.op_type in ("Sigmoid", "HardSigmoid") for s in srcs]
+                gate = [_sigmoid_like(i, prod, inits) for i in node.input]
                 if gate[0] != gate[1]:
                     a.gates[node.name] = 1 if gate[0] else 0
                 else:
                     signal = _pointwise_signal(node, prod, live, inits)
                     if signal is not None:
                         a.gates[node.name] = signal
+        if op in ("MatMul", "Mul") and len(node.input) == 2 and all(i in live for i in node.input) \
+                and node.name not in a.gates:
+            probs = [_softmax_behind(i, prod) for i in node.input]
+            a.products[node.name] = probs.index(True) if probs.count(True) == 1 else -1
         if op == "Div" and len(node.input) == 2 and all(i in live for i in node.input):
             if node.input[0] in ancestors(g, [node.input[1]]):
                 a.normalising_divs.add(node.name)
@@ -184,6 +191,24 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                     continue
             a.nonneg.update(o for o in node.output if o)
     return a
+
+
+def _sigmoid_like(t: str, prod: dict, inits) -> bool:
+    """Whether t is a sigmoid gate: Sigmoid, HardSigmoid, or hard sigmoid as Keras exports it
+    (Clip(x + 3, 0, 6) / 6: Add, Clip, then Mul or Div by a constant), so a squeeze-excitation gate is held
+    fixed whichever framework exported it."""
+    node = prod.get(t)
+    if node is None:
+        return False
+    if node.op_type in ("Sigmoid", "HardSigmoid"):
+        return True
+    if node.op_type in ("Mul", "Div") and len(node.input) == 2:
+        scaled = _scaled_source(t, prod, inits)
+        clip = prod.get(scaled) if scaled != t else None
+        if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3 and all(
+                i in inits for i in clip.input[1:]):
+            return True
+    return False
 
 
 def _pointwise_of(t: str, x: str, prod: dict, live: set, depth: int = 24) -> bool:
@@ -222,6 +247,23 @@ def _pointwise_signal(node: onnx.NodeProto, prod: dict, live: set, inits) -> int
         if _pointwise_of(gate, s, prod, live) or (source != s and _pointwise_of(gate, source, prod, live)):
             return signal
     return None
+
+
+_MOVES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Cast", "Flatten", "Expand"}
+
+
+def _softmax_behind(t: str, prod: dict, depth: int = 8) -> bool:
+    """`t` is a Softmax output seen through data movement (the attention probabilities of a block)."""
+    for _ in range(depth):
+        node = prod.get(t)
+        if node is None:
+            return False
+        if node.op_type == "Softmax":
+            return True
+        if node.op_type not in _MOVES:
+            return False
+        t = node.input[0]
+    return False
 
 
 def positive_support(rules: Mapping[str, LRPRule], analysis: LRPAnalysis, start: str | None) -> set:

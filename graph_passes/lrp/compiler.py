@@ -32,7 +32,8 @@ from .._graph import GraphPassError, attrs
 from ..vjp import append_vjp
 from ..vjp import rules as vjp_rules
 from .analysis import LinearLayer, LRPAnalysis, _channel_vector, analyze, positive_support
-from .rules import Gate, Gradient, Group, LRPRule, Norm, Pass, WinnerTakeAll
+from .rules import Gate, Gradient, Group, LRPRule, Norm, Pass, Uniform, WinnerTakeAll
+from ..vjp._emit import rank_of, reduce_mean
 
 def _stab_div(b, r: str, z: str, eps: float, nonneg: bool = False, positive: str | None = None) -> str:
     """r / (z + eps * sign0(z)) with sign0(0) = +1 (zennit's stabiliser); eps = 0: r / z, and 0 where z = 0.
@@ -69,7 +70,7 @@ def _per_output_channel(op: str, w: np.ndarray, scale: np.ndarray, group: int) -
 class _Linear:
     """Forward (modified weights) and transposed application of one Conv/ConvTranspose/Gemm/MatMul layer."""
 
-    def __init__(self, b, node, layer: LinearLayer, analysis: LRPAnalysis):
+    def __init__(self, b, node, layer: LinearLayer, analysis: LRPAnalysis, fuse_tails: bool = True):
         self.b, self.node, self.layer = b, node, layer
         op = node.op_type
         # the stored weight itself, in self.w's layout; self.w (float64) is computed on first use only: a dense
@@ -109,7 +110,7 @@ class _Linear:
         self.original_weight = None
         if layer.kind == "dense" and not layer.tails and (op == "MatMul" or attrs(node).get("alpha", 1.0) == 1.0):
             self.original_weight = (node.input[1], 0 if op == "Gemm" and attrs(node).get("transB", 0) else 1)
-        if layer.tails:
+        if layer.tails and fuse_tails:
             self._w = _per_output_channel(op, self.w, scale, self.group)
             bias = (np.zeros(channels) if bias is None else bias) * scale + shift
         self.bias = bias
@@ -264,7 +265,7 @@ def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis, su
         out = [None] * len(node.input)
         if R is None or not want[0]:
             return out
-        lin = _Linear(b, node, layer, analysis)
+        lin = _Linear(b, node, layer, analysis, fuse_tails=rule.tails != "pass")
         x = node.input[0]
         nonneg = x in analysis.nonneg
         y = layer.out
@@ -365,6 +366,51 @@ def _compile_norm(rule: LRPRule, analysis: LRPAnalysis, support: set = frozenset
     return emit
 
 
+def _compile_uniform(rule: LRPRule, analysis: LRPAnalysis):
+    """A product of two activations: each operand's z-rule share x (.) J_x^T (R / stab(y)), halved (uniform), or
+    with CP-LRP all to the operand that is not the attention probabilities."""
+    stop = bool(rule.groups) and rule.groups[0].mask == "stop-attention"
+
+    def emit(b, node, gy, want):
+        R, y = gy[0], node.output[0]
+        held = analysis.products.get(node.name, -1) if stop else -1
+        shares = [0.0 if i == held else (1.0 if held >= 0 else 0.5) for i in range(len(node.input))]
+        want = [w and share > 0 for w, share in zip(want, shares)]
+        if not any(want):
+            return [None] * len(node.input)
+        s = _stab_div(b, R, y, rule.eps)
+        g = vjp_rules.PLAIN[node.op_type](b, node, [s], want)
+        out = []
+        for x, gi, w, share in zip(node.input, g, want, shares):
+            if gi is None or not w:
+                out.append(None)
+                continue
+            r = b.add("Mul", [x, gi])
+            out.append(r if share == 1.0 else b.add("Mul", [r, b.const(share)]))
+        return out
+    return emit
+
+
+def _compile_fixed_normaliser(rule: LRPRule):
+    """LayerNormalization y = (x - mean) / std * scale + shift with std held fixed: R_x = x (.) J^T s,
+    s = R / stab(y), J^T s = c - mean(c) over the normalised axes, c = s * scale / std."""
+    def emit(b, node, gy, want):
+        out = [None] * len(node.input)
+        if not want[0]:
+            return out
+        x, y = node.input[0], node.output[0]
+        rank = rank_of(b, x, "LayerNormalization relevance")
+        axes = list(range(attrs(node).get("axis", -1) % rank, rank))
+        xc = b.add("Sub", [x, reduce_mean(b, x, axes)])
+        var = reduce_mean(b, b.add("Mul", [xc, xc]), axes)
+        std = b.add("Sqrt", [b.add("Add", [var, b.const(float(attrs(node).get("epsilon", 1e-5)))])])
+        s = _stab_div(b, gy[0], y, rule.eps)
+        c = b.add("Div", [b.add("Mul", [s, node.input[1]]), std])
+        out[0] = b.add("Mul", [x, b.add("Sub", [c, reduce_mean(b, c, axes)])])
+        return out
+    return emit
+
+
 def _compile_proportional(rule: LRPRule):
     def emit(b, node, gy, want):
         a = attrs(node)
@@ -383,6 +429,29 @@ def _compile_proportional(rule: LRPRule):
                   group=c, kernel_shape=kernel)
         return [b.add("Mul", [x, g])] + [None] * (len(node.output) - 1 + len(node.input) - 1)
     return emit
+
+
+def _compile_unpool_overwrite(b, node, gy, want):
+    """R_in = R of the last window (in row-major pooled order) whose argmax is this input, else 0: the pooled
+    flat index of every window is scattered to its argmax with reduction max, then R is gathered there."""
+    if attrs(node).get("storage_order", 0) != 0:
+        raise GraphPassError(f"{node.name} (MaxPool): storage_order=1 is not supported")
+    if len(node.output) < 2 or not node.output[1]:
+        idx = b.fresh("argmax")
+        if len(node.output) < 2:
+            node.output.append(idx)
+        else:
+            node.output[1] = idx
+    x, idx = node.input[0], node.output[1]
+    flat = b.const([-1], np.int64)
+    r_flat = b.add("Reshape", [gy[0], flat])
+    order = b.add("Range", [b.const(0, np.int64), b.add("Size", [r_flat]), b.const(1, np.int64)])
+    size = b.add("Reshape", [b.add("Size", [x]), b.const([1], np.int64)])
+    none = b.add("ConstantOfShape", [size], value=numpy_helper.from_array(np.full(1, -1, np.int64)))
+    winner = b.add("ScatterElements", [none, b.add("Reshape", [idx, flat]), order], axis=0, reduction="max")
+    picked = b.add("Gather", [r_flat, b.add("Max", [winner, b.const(0, np.int64)])], axis=0)
+    routed = b.add("Where", [b.add("Less", [winner, b.const(0, np.int64)]), b.const(0.0), picked])
+    return [b.add("Reshape", [routed, b.add("Shape", [x])])] + [None] * (len(node.input) - 1)
 
 
 def _compile_gate(signal: int):
@@ -426,8 +495,9 @@ def base_rule(node: onnx.NodeProto, analysis: LRPAnalysis, stabilizer: float = 1
     """The default for non-linear nodes (zennit's layer_map_base, LXT's identity for normalisers): activations,
     normalisers and kept BatchNorm pass, residual Add / average pools / interpolating resizes Norm, max pools and
     reductions winner-take-all, data movement routes; Mul gates hold the gate fixed, a Div by a statistic of its
-    own numerator (a decomposed LayerNorm) holds the divisor fixed. None = no rule (products of two independent
-    activations, as in attention, are refused: see README)."""
+    own numerator (a decomposed LayerNorm) holds the divisor fixed. Attention as AttnLRP: a MatMul or Mul of two
+    activations takes the uniform rule, a Softmax its z-rule through its own Jacobian (the VJP of R / y, times
+    the input). None = no rule."""
     op = node.op_type
     if node.name in analysis.tail_of:
         return Pass()
@@ -438,12 +508,18 @@ def base_rule(node: onnx.NodeProto, analysis: LRPAnalysis, stabilizer: float = 1
     if op in STRUCTURAL_OPS:
         return Gradient()
     if op == "Mul":
-        return Gate() if node.name in analysis.gates else None
+        if node.name in analysis.gates:
+            return Gate()
+        return Uniform(stabilizer) if node.name in analysis.products else None
+    if op == "Softmax":
+        return Norm(stabilizer)
     if op == "Div":
         divisor_fixed = node.input[1] not in analysis.activations or node.name in analysis.normalising_divs
         return Pass() if len(node.input) > 1 and divisor_fixed else None
     if op in ("Einsum", "MatMul", "Gemm"):
-        return Norm(stabilizer) if _one_activation(node, analysis) else None
+        if _one_activation(node, analysis):
+            return Norm(stabilizer)
+        return Uniform(stabilizer) if node.name in analysis.products else None
     if op in NORM_OPS:
         return Norm(stabilizer)
     if op in PASS_OPS:
@@ -463,7 +539,7 @@ def rule_reason(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> s
         return "linear layer: the composite's layer rule"
     if rule.kind == "pass":
         if op in NORMALISERS:
-            return "identity: a normaliser keeps the relevance, as LXT"
+            return "identity: a normaliser passes its relevance on (attnlrp: fixed-normaliser, as LXT)"
         if op == "Div":
             return "identity: the divisor is held fixed"
         return "identity: pointwise nonlinearity"
@@ -480,9 +556,19 @@ def rule_reason(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> s
             return "proportional (z-rule): linear in its one activation"
         if op in ("ReduceL1", "ReduceL2"):
             return "proportional to each element's share of the norm"
+        if op == "Softmax":
+            return "z-rule through the Softmax's Jacobian (VJP x input), as AttnLRP"
         return "proportional (z-rule) through the op's linear map"
     if rule.kind == "gate":
         return "the gate is held fixed: all relevance to the signal"
+    if rule.kind == "unpool-overwrite":
+        return "winner-take-all, overlapping windows overwrite (max_unpool2d)"
+    if rule.kind == "uniform":
+        if rule.groups and analysis.products.get(node.name, -1) >= 0:
+            return "CP-LRP: attention held fixed, all relevance to the values"
+        return "uniform: half to each activation operand (AttnLRP)"
+    if rule.kind == "fixed-normaliser":
+        return "standard deviation held fixed, z-rule on centring and affine (AttnLRP)"
     return "proportional within each window"
 
 
@@ -492,9 +578,12 @@ def check_rule(rule: LRPRule, node: onnx.NodeProto, analysis: LRPAnalysis) -> No
         "linear": node.name in analysis.linear,
         "pass": op in PASS_OPS or node.name in analysis.tail_of,
         "norm": (op in NORM_OPS and (op not in ("Einsum", "MatMul", "Gemm") or _one_activation(node, analysis))
-                 or (op == "BatchNormalization" and node.name not in analysis.tail_of)),
+                 or (op == "BatchNormalization" and node.name not in analysis.tail_of) or op == "Softmax"),
+        "uniform": node.name in analysis.products,
+        "fixed-normaliser": op == "LayerNormalization",
         "gradient": op in _gradient_ops(),
         "proportional": op == "MaxPool",
+        "unpool-overwrite": op == "MaxPool",
         "gate": op == "Mul" and node.name in analysis.gates,
     }[rule.kind]
     if not ok:
@@ -522,8 +611,14 @@ def compile_rules(rules: Mapping[str, LRPRule], analysis: LRPAnalysis, start: st
             out[name] = vjp_rules.PLAIN[node.op_type]
         elif rule.kind == "proportional":
             out[name] = _compile_proportional(rule)
+        elif rule.kind == "unpool-overwrite":
+            out[name] = _compile_unpool_overwrite
         elif rule.kind == "gate":
             out[name] = _compile_gate(analysis.gates[name])
+        elif rule.kind == "uniform":
+            out[name] = _compile_uniform(rule, analysis)
+        elif rule.kind == "fixed-normaliser":
+            out[name] = _compile_fixed_normaliser(rule)
     return out
 
 

@@ -5,9 +5,17 @@ See graph_passes.lrp.compiler for the propagation formula the compiler emits fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+# What a linear rule does with the layer's bias (after BatchNorm folding, the BN shift is part of it):
+#   keep  the bias terms as each rule defines them (Bach et al., zennit's default): the bias sits in the
+#         denominator z and takes its share of the relevance, which is lost to the input (a sink per layer,
+#         the "sum R in" < "sum R out" of the conservation table)
+#   zero  zennit's ``zero_params=["bias"]``: z is computed without the bias, so each layer passes on all the
+#         relevance it receives (up to the stabiliser); the forward pass itself is unchanged
+BIAS_MODES = ("keep", "zero")
 
 @dataclass(frozen=True)
 class Term:
@@ -26,7 +34,9 @@ class Group:
 
 @dataclass(frozen=True)
 class LRPRule:
-    """One propagation rule. kind: linear | pass | norm | gradient | gate | proportional (MaxPool)."""
+    """One propagation rule. kind: linear | pass | norm | gradient | gate | proportional (MaxPool) | uniform
+    (products of two activations; CP-LRP's variant marks its one group "stop-attention") | fixed-normaliser
+    (LayerNormalization)."""
 
     name: str
     kind: str = "linear"
@@ -35,13 +45,20 @@ class LRPRule:
     gamma: float = 0.0
     low: tuple | None = None
     high: tuple | None = None
+    bias: str = "keep"  # BIAS_MODES; a "zero" rule's terms all carry bias "zero" (see with_bias)
+    # "fuse": a layer's affine tail (BatchNorm, bias Add) is part of its weights and bias, as zennit's canonizers;
+    # "pass": the rule sees the layer's own weights and bias and the tail passes relevance unchanged (the
+    # Relevance-CAM reference code's BatchNorm2d.relprop)
+    tails: str = "fuse"
 
     def describe(self) -> str:
         extra = []
-        if self.kind in ("linear", "norm", "proportional"):
+        if self.kind in ("linear", "norm", "proportional", "uniform", "fixed-normaliser"):
             extra.append(f"eps={self.eps:g}")
         if self.gamma:
             extra.append(f"gamma={self.gamma:g}")
+        if self.bias != "keep":
+            extra.append(f"bias={self.bias}")
         return f"{self.name}({', '.join(extra)})" if extra else self.name
 
     @property
@@ -49,6 +66,21 @@ class LRPRule:
         """z equals the layer's own forward output (LRP-0 / epsilon): no extra forward conv."""
         return (self.kind == "linear" and len(self.groups) == 1 and not self.groups[0].mask
                 and self.groups[0].terms == (Term("x", "w", "b"),))
+
+
+def with_bias(rule: LRPRule, bias: str) -> LRPRule:
+    """`rule` with the bias handling `bias` (BIAS_MODES). "zero" replaces every term's bias by "zero" (zennit's
+    zero_params=["bias"]); non-linear rules and rules without bias terms (flat) come back as they are."""
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias {bias!r}: expected one of {', '.join(BIAS_MODES)}")
+    if rule.kind != "linear" or bias == rule.bias:
+        return rule
+    if bias == "keep":
+        raise ValueError(f"rule {rule.name}: its bias terms were removed; make it again to keep them")
+    if all(t.bias == "zero" for g in rule.groups for t in g.terms):
+        return rule  # flat: no bias to remove
+    groups = tuple(replace(g, terms=tuple(replace(t, bias="zero") for t in g.terms)) for g in rule.groups)
+    return replace(rule, groups=groups, bias="zero")
 
 
 def Epsilon(eps: float = 1e-6) -> LRPRule:
@@ -121,6 +153,13 @@ def WinnerTakeAll() -> LRPRule:
     return LRPRule("wta", kind="gradient")
 
 
+def UnpoolOverwrite() -> LRPRule:
+    """MaxPool as the SR-map reference notebook routes relevance: torch's max_unpool2d, which writes each window's
+    relevance at its argmax, so where overlapping windows share an argmax the last window (row-major) overwrites
+    the others instead of adding to them. Not conserving; only for reproducing that code."""
+    return LRPRule("wta-overwrite", kind="unpool-overwrite")
+
+
 def Proportional(stabilizer: float = 1e-6) -> LRPRule:
     """MaxPool alternative: split each window's relevance in proportion to its inputs."""
     return LRPRule("proportional", kind="proportional", eps=stabilizer)
@@ -129,6 +168,27 @@ def Proportional(stabilizer: float = 1e-6) -> LRPRule:
 def Gate() -> LRPRule:
     """Mul: the gate (constant, or the Sigmoid/HardSigmoid branch) is held fixed; all relevance to the signal."""
     return LRPRule("gate", kind="gate")
+
+
+def Uniform(stabilizer: float = 1e-6) -> LRPRule:
+    """AttnLRP's uniform rule for a product of two activations (MatMul, Mul): each operand gets half of the
+    proportional (z-rule) share, R_a = 1/2 a (.) J_a^T (R / stab(y)), likewise b; a bilinear map's two shares
+    each sum to half of R (Achtibat et al. 2024, eq. 7)."""
+    return LRPRule("uniform", kind="uniform", eps=stabilizer)
+
+
+def Conservative(stabilizer: float = 1e-6) -> LRPRule:
+    """CP-LRP (Ali et al. 2022) on attention: the attention probabilities are held fixed, so all relevance of
+    A @ V goes to V (the z-rule in V) and none reaches the Softmax, Q or K. Products without a Softmax operand
+    fall back to the uniform rule."""
+    return LRPRule("cp", kind="uniform", eps=stabilizer, groups=(Group((), mask="stop-attention"),))
+
+
+def FixedNormaliser(stabilizer: float = 1e-6) -> LRPRule:
+    """LayerNormalization with its standard deviation held fixed (AttnLRP's identity rule on the normaliser,
+    LXT's stop-gradient on std): what is left, centring and the affine scale and shift, is linear in x and
+    takes the z-rule, R_x = x (.) J^T (R / stab(y)); the shift absorbs its share like a bias."""
+    return LRPRule("fixed-normaliser", kind="fixed-normaliser", eps=stabilizer)
 
 
 RULE_FACTORIES = {
@@ -143,12 +203,22 @@ RULE_FACTORIES = {
     "wsquare": lambda p: WSquare(p.get("stabilizer", 1e-6)), "w2": lambda p: WSquare(p.get("stabilizer", 1e-6)),
     "pass": lambda p: Pass(), "norm": lambda p: Norm(p.get("stabilizer", 1e-6)),
     "gradient": lambda p: Gradient(), "wta": lambda p: WinnerTakeAll(),
+    "wta-overwrite": lambda p: UnpoolOverwrite(),
     "proportional": lambda p: Proportional(p.get("stabilizer", 1e-6)), "gate": lambda p: Gate(),
+    "uniform": lambda p: Uniform(p.get("stabilizer", 1e-6)), "cp": lambda p: Conservative(p.get("stabilizer", 1e-6)),
+    "fixed-normaliser": lambda p: FixedNormaliser(p.get("stabilizer", 1e-6)),
+    "fixednormaliser": lambda p: FixedNormaliser(p.get("stabilizer", 1e-6)),
 }
 
 
 def make_rule(name: str, **params) -> LRPRule:
-    """Rule by name; ZBox takes low/high. Unknown names raise ValueError listing the known ones."""
+    """Rule by name; ZBox takes low/high; any linear rule takes bias (keep | zero, see BIAS_MODES). Unknown names
+    raise ValueError listing the known ones."""
+    bias = params.pop("bias", "keep")
+    return with_bias(_make_rule(name, **params), str(bias))
+
+
+def _make_rule(name: str, **params) -> LRPRule:
     key = name.lower().replace("_", "").replace(" ", "")
     key = {"epsilon0": "lrp0", "zb": "zbox", "box": "zbox", "alpha2beta1": "alpha2beta1"}.get(key, key)
     if key == "zbox":

@@ -84,6 +84,9 @@ def slice_rule(b, node, gy, want):
     for s, e, ax, st in zip(starts, ends, axes, steps):
         dim = shape[ax]
         if dim is None:
+            # Keras Cropping2D (tf2onnx) slices every axis, the dynamic batch included, from 0 to the end
+            if st == 1 and (s == 0 or s <= -(2 ** 31)) and e >= 2 ** 31 - 1:
+                continue
             unsupported(b, f"sliced axis {ax} must be static")
         idx = _slice_indices(s, e, st, dim)
         if not idx:

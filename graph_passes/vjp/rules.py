@@ -484,15 +484,21 @@ def transpose_rule(b, node, gy, want):
 
 
 def concat_rule(b, node, gy, want):
+    """Split the gradient back into the concatenated parts. Sizes along the axis are constants when shape
+    inference knows them, else read at run time (a ViT's class token is Expanded to the run-time batch, so
+    shape inference loses its sizes)."""
     axis = attrs(node)["axis"]
     sizes = []
     for x in node.input:
         shape = b.static_shape(x, "Concat backward")
-        size = shape[axis]
-        if size is None:
-            _unsupported(b, f"the concatenated axis {axis} must be static")
-        sizes.append(size)
-    parts = b.add("Split", [gy[0], b.const(sizes, np.int64)], n_out=len(sizes), axis=axis)
+        sizes.append(shape[axis % len(shape)])
+    if all(s is not None for s in sizes):
+        split = b.const(sizes, np.int64)
+    else:
+        rank = len(b.static_shape(node.input[0], "Concat backward"))
+        ax = axis % rank
+        split = b.add("Concat", [b.add("Shape", [x], start=ax, end=ax + 1) for x in node.input], axis=0)
+    parts = b.add("Split", [gy[0], split], n_out=len(sizes), axis=axis)
     parts = parts if isinstance(parts, list) else [parts]
     return [p if w else None for p, w in zip(parts, want)]
 

@@ -28,12 +28,25 @@ import onnx
 import graph_passes as gp
 from graph_passes._graph import has_derived, materialize, ort_model, placeholder_keys
 
-from ..errors import SaliencyError
+from ..errors import SaliencyError, UnsupportedModelError
 from ..intake.model import LoadedModel, release_freed_memory
 from ..ort_logging import session_severity
 from .memory import DEFAULT_MEMORY_BUDGET, FORWARD_SHARE, activation_bytes
 from .numerics import check_finite, first_nonfinite_node
 from .providers import import_onnxruntime, providers_for
+
+PLAIN_KEY = ("vjp", (), (), "plain", "targets")  # Engine.graph() with no arguments: scores and target seed
+
+
+def ort_message(err: Exception) -> str:
+    """onnxruntime's exception text without its '[ONNXRuntimeError] : 1 : FAIL :' head and the C++ source
+    location and signature it puts before the sentence that says what is wrong."""
+    import re
+
+    text = " ".join(str(err).split())
+    text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", text)
+    text = re.sub(r"^\S+\.(?:h|cc|cpp):\d+\s+.*?\)\s+(?=[A-Z])", "", text)  # '/src/x.h:46 void f(...) '
+    return text or type(err).__name__
 
 RULE_SETS = {"plain": None, "guided": gp.vjp.GUIDED}
 
@@ -94,7 +107,12 @@ class Engine:
             cost = len(data) + shared
             del proto
             self._evict_for(cost)
-            sess = ort.InferenceSession(data, opts, providers=self._providers)
+            try:
+                sess = ort.InferenceSession(data, opts, providers=self._providers)
+            except Exception as err:  # onnxruntime's Fail, InvalidGraph, NotImplemented...: one line
+                raise UnsupportedModelError(f"{self.model.path.name}: onnxruntime cannot load "
+                                            f"{'the model' if key == PLAIN_KEY else f'its {key[0]} graph'} "
+                                            f"({ort_message(err)})") from None
             del data
             release_freed_memory()
             rebuild = functools.partial(build, self.model.canonical)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
-from graph_passes._graph import ancestors, initializers, producers, tensor_infos
+import numpy as np
+
+from graph_passes._graph import ancestors, attrs, consumers, initializers, producers, tensor_infos
 
 from ..errors import SaliencyError
 from .model import LoadedModel
@@ -73,21 +75,100 @@ def _module_paths(model: LoadedModel) -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class SpatialView:
+    """How a layer's tensor is a feature map: NCHW as is, channels-last (Swin's (N, h, w, C) blocks), or a
+    transformer's (N, T, C) tokens with `prefix` class/distillation/register tokens before an h x w grid.
+    `to_nchw` is pytorch-grad-cam's documented reshape_transform for each case."""
+
+    layout: str  # "NCHW" | "NHWC" | "NTC"
+    prefix: int = 0
+    grid: tuple = ()
+
+    def to_nchw(self, a: np.ndarray) -> np.ndarray:
+        if self.layout == "NHWC":
+            return np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+        if self.layout == "NTC":
+            h, w = self.grid
+            return np.ascontiguousarray(a[:, self.prefix:].reshape(a.shape[0], h, w, a.shape[2]).transpose(0, 3, 1, 2))
+        return a
+
+    def describe(self) -> str:
+        if self.layout == "NTC":
+            return f"tokens: {self.prefix} prefix + {self.grid[0]}x{self.grid[1]} grid"
+        return self.layout
+
+
+def _is_channels_last(g, tensor: str, prod, cons) -> bool:
+    """A rank-4 tensor normalised over its last axis (written or read by a LayerNormalization on axis -1) is
+    channels-last: Swin keeps (N, h, w, C) through its blocks, ConvNeXt inside its blocks."""
+    nodes = ([prod[tensor]] if tensor in prod else []) + list(cons.get(tensor, []))
+    return any(n.op_type == "LayerNormalization" and attrs(n).get("axis", -1) in (-1, 3) for n in nodes)
+
+
+def _patch_grid(g, tensor: str, tokens: int, infos, prod) -> tuple | None:
+    """(prefix, (h, w)) of an (N, T, C) token tensor: the grid of the last patch-embedding Conv it depends on
+    (T = prefix + h*w; a ViT's conv_proj, DeiT's patch_embed.proj)."""
+    before = ancestors(g, [tensor])
+    best = None
+    for node in g.node:
+        if node.op_type != "Conv" or node.output[0] not in before:
+            continue
+        info = infos.get(node.output[0])
+        if info is None or info.shape is None or len(info.shape) != 4 or None in info.shape[2:]:
+            continue
+        h, w = info.shape[2:]
+        if 1 < h * w <= tokens and tokens - h * w < 16:
+            best = (tokens - h * w, (h, w))
+    return best
+
+
+def spatial_view(model: LoadedModel, tensor: str) -> SpatialView | None:
+    """The feature-map view of `tensor` (None: not a spatial map: a vector, or tokens without a patch grid)."""
+    g = model.canonical.graph
+    infos = tensor_infos(model.canonical)
+    info = infos.get(tensor)
+    if info is None or info.shape is None:
+        return None
+    shape = info.shape
+    if len(shape) == 4:
+        if _is_channels_last(g, tensor, producers(g), consumers(g)):
+            return SpatialView("NHWC") if (shape[1] or 0) * (shape[2] or 0) > 1 else None
+        return SpatialView("NCHW") if (shape[2] or 0) * (shape[3] or 0) > 1 else None
+    if len(shape) == 3 and shape[1] is not None:
+        found = _patch_grid(g, tensor, shape[1], infos, producers(g))
+        if found is not None:
+            return SpatialView("NTC", found[0], found[1])
+    return None
+
+
 def candidate_layers(model: LoadedModel) -> list[Layer]:
-    """Every 4-D float tensor with spatial extent that the class scores depend on, in graph order."""
+    """Every float tensor that is a spatial feature map (NCHW, channels-last, or transformer tokens on a patch
+    grid) and that the class scores depend on, in graph order."""
     g = model.canonical.graph
     infos = tensor_infos(model.canonical)
     needed = ancestors(g, [model.score_tensor])
     modules = module_paths(model)
+    prod, cons = producers(g), consumers(g)
     out = []
     for node in g.node:
         if node.op_type in _SHAPE_OPS:
             continue
         for name in node.output:
             info = infos.get(name)
-            if (name in needed and info is not None and info.is_float and info.shape is not None
-                    and len(info.shape) == 4 and (info.shape[2] or 0) * (info.shape[3] or 0) > 1):
-                out.append(Layer(name, node.name, node.op_type, info.shape, modules.get(node.name)))
+            if name not in needed or info is None or not info.is_float or info.shape is None:
+                continue
+            shape = info.shape
+            if len(shape) == 4:
+                spatial = (shape[1] or 0) * (shape[2] or 0) if _is_channels_last(g, name, prod, cons) \
+                    else (shape[2] or 0) * (shape[3] or 0)
+                ok = spatial > 1
+            elif len(shape) == 3 and shape[1] is not None:
+                ok = _patch_grid(g, name, shape[1], infos, prod) is not None  # tokens after a patch embedding
+            else:
+                ok = False
+            if ok:
+                out.append(Layer(name, node.name, node.op_type, shape, modules.get(node.name)))
     return out
 
 
@@ -112,14 +193,35 @@ def _by_module(model: LoadedModel, layers: list[Layer], spec: str) -> str | None
     return written[-1] if written else None
 
 
+def attention_norm(model: LoadedModel) -> str | None:
+    """A transformer's conventional CAM layer, the last block's norm1 (pytorch-grad-cam's ViT/Swin examples):
+    the last LayerNormalization whose output the scores depend on and an attention Softmax reads through the
+    Q/K/V projections. None when the scores depend on no Softmax over a LayerNormalization."""
+    g = model.canonical.graph
+    needed = ancestors(g, [model.score_tensor])
+    softmaxes = [n.output[0] for n in g.node if n.op_type == "Softmax" and n.output[0] in needed
+                 and n.output[0] != model.score_tensor]
+    if not softmaxes:
+        return None
+    before_attention = ancestors(g, softmaxes)
+    norms = [n.output[0] for n in g.node if n.op_type == "LayerNormalization"
+             and n.output[0] in before_attention and n.output[0] in needed]
+    norms = [t for t in norms if spatial_view(model, t) is not None]
+    return norms[-1] if norms else None
+
+
 def auto_layer(model: LoadedModel) -> str:
-    """The last spatial feature map before global pooling: walk back from the scores along activations."""
+    """Transformers: the last block's norm1 (attention_norm). Else the last spatial feature map before global
+    pooling: walk back from the scores along activations."""
     known = model.known
     if known and known.get("default_layer"):
         return known["default_layer"]
     meta = model.metadata.get("onnx_saliency.default_layer")
     if meta:
         return meta
+    norm1 = attention_norm(model)
+    if norm1 is not None:
+        return norm1
     g = model.canonical.graph
     prod, inits, infos = producers(g), initializers(g), tensor_infos(model.canonical)
     t = model.score_tensor
@@ -163,3 +265,65 @@ def resolve_layer(model: LoadedModel, spec: str | None) -> str:
         return found
     raise SaliencyError(f"--layer {spec!r}: no such tensor, node or module in {model.path.name} "
                         f"(see `onnx-saliency layers {model.path}`)")
+
+
+@dataclass(frozen=True)
+class Attention:
+    """The attention probabilities of a transformer, block by block: Softmax outputs shaped (..., T, T) over the
+    whole token sequence (prefix tokens + an h x w patch grid)."""
+
+    tensors: tuple  # Softmax outputs in graph (= block) order
+    tokens: int
+    prefix: int
+    grid: tuple
+
+
+def attention_probabilities(model: LoadedModel) -> Attention:
+    """Find the global self-attention Softmax outputs the scores depend on. Raises SaliencyError naming what was
+    found when there are none, or when attention is not over one token sequence with a patch grid (Swin's
+    windowed attention: rollout would need the window partition and shifts undone block by block)."""
+    g = model.canonical.graph
+    infos = tensor_infos(model.canonical)
+    needed = ancestors(g, [model.score_tensor])
+    softmaxes = [n for n in g.node if n.op_type == "Softmax" and n.output[0] in needed
+                 and n.output[0] != model.score_tensor]
+    if not softmaxes:
+        raise SaliencyError(f"{model.path.name}: no attention Softmax before the class scores; attention methods "
+                            "apply to transformers (ViT, DeiT, ...)")
+    found, shapes = [], set()
+    for n in softmaxes:
+        info = infos.get(n.output[0])
+        shape = None if info is None else info.shape
+        if shape is None or len(shape) < 3 or shape[-1] is None or shape[-1] != shape[-2] \
+                or attrs(n).get("axis", -1) not in (-1, len(shape) - 1):
+            raise SaliencyError(f"{model.path.name}: Softmax node {n.name!r} has output shape {shape}; attention "
+                                "methods need (..., T, T) attention probabilities over the last axis")
+        found.append(n.output[0])
+        shapes.add(shape[-1])
+    if len(shapes) != 1:
+        raise SaliencyError(f"{model.path.name}: attention over token counts {sorted(shapes)}; attention rollout "
+                            "needs every block to attend over the same tokens (hierarchical or windowed "
+                            "transformers such as Swin are not supported: use gradcam or lrp)")
+    tokens = shapes.pop()
+    grid = _patch_grid(g, found[0], tokens, infos, producers(g))
+    if grid is None:
+        raise SaliencyError(f"{model.path.name}: attention over {tokens} tokens is not a patch grid plus prefix "
+                            "tokens (windowed attention, as in Swin, is not supported by attention rollout: use "
+                            "gradcam or lrp)")
+    return Attention(tuple(found), tokens, grid[0], grid[1])
+
+
+def has_attention(model: LoadedModel) -> bool:
+    """The scores depend on a Softmax that is not the scores' own: a transformer's attention."""
+    g = model.canonical.graph
+    needed = ancestors(g, [model.score_tensor])
+    return any(n.op_type == "Softmax" and n.output[0] in needed and n.output[0] != model.score_tensor
+               for n in g.node)
+
+
+def refuse_transformer(model: LoadedModel, method: str, needs: str) -> None:
+    """Methods defined on CNN structure refuse attention models before running, saying what they need."""
+    if has_attention(model):
+        raise SaliencyError(f"-m {method}: {model.path.name} is a transformer (attention Softmax nodes); {needs}. "
+                            "For transformers use gradcam (token maps), rollout, gradient-rollout or lrp with "
+                            "--composite attnlrp / cp-lrp")

@@ -19,6 +19,7 @@ from graph_passes._graph import (STORE_MIN_ELEMENTS, WeightStore, externalize, g
 from graph_passes.precision import HALF
 
 from ..errors import SaliencyError, UnsupportedModelError
+from ..guard import note_input
 from ..ort_logging import quiet_onnxruntime
 from .preprocess import Preprocessing, labels_from_metadata
 
@@ -43,6 +44,7 @@ class LoadedModel:
     labels: list | None = None
     batch: int | None = None   # the image input's static batch (plain torch exports: 1); None where dynamic
     module_cache: dict | None = field(default=None, repr=False, compare=False)  # layers.module_paths
+    notes: list = field(default_factory=list)  # what loading changed that changes the answer (said, recorded)
     # the large weights of `canonical` and `original`, each held once (graph_passes._graph.WeightStore)
     weights: WeightStore | None = field(default=None, repr=False, compare=False)
 
@@ -143,8 +145,14 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> in
     Absolute paths and '..' are refused from the string alone, symlinks by resolving the path: nothing
     outside the folder is ever opened, only stat'ed once its location is known to be inside it. Offsets
     and lengths are checked against the file size and the tensor's shape, before any data is read.
+
+    Model-hub caches (Hugging Face: snapshots/REV/model.onnx and model.onnx_data are symlinks into a blobs
+    folder beside the snapshots) are accepted by one more rule: where the model file is itself a symlink,
+    data may also resolve into the folder the model's own bytes live in. That folder was chosen by whoever
+    made the model's link, not by the model's contents, so it opens no way out to a hostile model.
     """
     root = folder.resolve()
+    roots = {root, path.resolve().parent}
     total = 0
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
@@ -158,8 +166,9 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> in
         if "\x00" in location or _location_escapes(location):
             raise outside
         target = (folder / location).resolve()
-        if not target.is_relative_to(root):  # a symlink (of the file or a folder on the way) leading out
+        if not any(target.is_relative_to(r) for r in roots):  # a symlink (file or folder on the way) leading out
             raise outside
+        note_input(target)  # never written over by this run's outputs
         if not target.is_file():
             raise SaliencyError(f"{path}: external data file {location!r} of tensor {name!r} is missing")
         try:
@@ -179,6 +188,20 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> in
                                 f"its shape {list(tensor.dims)} needs {expected}")
         total += length
     return total
+
+
+def _load_checked_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Read external tensors whose locations, offsets and lengths `_check_external_data` has accepted."""
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        offset = int(_external_entry(tensor, "offset") or 0)
+        length = _external_entry(tensor, "length")
+        with open((folder / _external_entry(tensor, "location")).resolve(), "rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read() if length is None else f.read(int(length))
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _check_weights(model: onnx.ModelProto, path: Path, below: int | None = None, skip_mapped: bool = False) -> None:
@@ -235,6 +258,7 @@ def read_model(path, check_weights: bool = True, weights: WeightStore | None = N
     path = Path(path)
     if not path.is_file():
         raise SaliencyError(f"{path}: no such model file")
+    note_input(path)  # never written over by this run's outputs
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -275,7 +299,10 @@ def read_model(path, check_weights: bool = True, weights: WeightStore | None = N
                                 "not supported (the ONNX checker and shape inference need the whole graph in one "
                                 "protobuf, which is limited to 2 GiB)")
         try:
-            external_data_helper.load_external_data_for_model(model, str(path.parent))
+            if path.is_symlink():  # a model-hub snapshot: onnx refuses symlinked data, checked above instead
+                _load_checked_external_data(model, path.parent)
+            else:
+                external_data_helper.load_external_data_for_model(model, str(path.parent))
         except Exception as err:  # onnx re-checks paths and bounds itself; its message names the tensor
             raise SaliencyError(f"{path}: cannot read external data ({str(err).splitlines()[0]})") from None
     try:
@@ -383,8 +410,9 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     image = _find_image_input(original, path)
     dims = image.type.tensor_type.shape.dim
     quiet_onnxruntime()  # constant folding runs onnxruntime sessions of onnx-graphsurgeon's
+    inference, notes = inference_mode_batchnorm(original, path)
     try:
-        canonical, report = gp.canonicalize(original, fuse_affine=fuse_affine, return_report=True)
+        canonical, report = gp.canonicalize(inference, fuse_affine=fuse_affine, return_report=True)
     except gp.GraphPassError as err:
         raise SaliencyError(f"{path}: {err}") from err
     canonical = externalize(canonical, weights)  # weights canonicalize computed (folded BatchNorms, constants)
@@ -406,8 +434,39 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
                        input_name=image.name, layout=layout, input_hw=(static[2], static[3]),
                        channels=static[1] or 3, output_name=output_name, score_tensor=score, num_classes=classes,
                        metadata=metadata, labels=labels_from_metadata(metadata), batch=static[0] or None,
-                       weights=weights)
+                       notes=notes, weights=weights)
 
+
+def inference_mode_batchnorm(model: onnx.ModelProto, path: Path) -> tuple[onnx.ModelProto, list[str]]:
+    """BatchNormalization with training_mode=1 normalises by the statistics of the batch it is given, so an
+    image's map would depend on which other images share its batch. Such nodes are run in inference mode
+    (their running mean and variance), with a note; refused when something reads their running-statistics
+    outputs (the graph then needs training mode). Returns `model` itself when no node is in training mode."""
+    training = [n for n in model.graph.node if n.op_type == "BatchNormalization"
+                and any(a.name == "training_mode" and a.i for a in n.attribute)]
+    if not training:
+        return model, []
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for node in training:
+        used = [o for o in node.output[1:] if o and o in read]
+        if used:
+            raise UnsupportedModelError(f"{path}: BatchNormalization {node.name or node.output[0]!r} runs in "
+                                        f"training mode and its running statistics ({', '.join(used)}) are used "
+                                        "by the graph; export the model in eval mode")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    names = []
+    for node in out.graph.node:
+        if node.op_type == "BatchNormalization" and any(a.name == "training_mode" and a.i for a in node.attribute):
+            kept = [a for a in node.attribute if a.name != "training_mode"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            del node.output[1:]
+            names.append(node.name or node.output[0])
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return out, [f"{path.name}: {len(names)} BatchNormalization node(s) in training mode ({shown}), which "
+                 "normalise by the statistics of each batch; explained in inference mode with their running "
+                 "mean and variance, so a map does not depend on the other images in its batch"]
 
 
 def _guess_layout(dims) -> str:

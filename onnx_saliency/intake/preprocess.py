@@ -61,6 +61,7 @@ import cv2
 import numpy as np
 
 from ..errors import SaliencyError
+from ..guard import note_input
 
 __all__ = [
     "Preset", "PRESETS", "Preprocessing", "MAX_PIXELS", "META_PRESET", "META_RESIZE", "META_CROP",
@@ -393,6 +394,7 @@ def load_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """
     if max_pixels < 1:
         raise SaliencyError(f"--max-pixels {max_pixels}: must be at least 1")
+    note_input(path)  # never written over by this run's outputs
     try:
         size = os.stat(os.fspath(path)).st_size
         # 32 bytes per pixel covers uncompressed float64 RGBA; anything bigger is not an image we accept

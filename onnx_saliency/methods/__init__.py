@@ -42,5 +42,6 @@ def get_method(name: str) -> Method:
 from . import lrp as _lrp  # noqa: E402,F401  registers lrp, excitation-backprop (needs register above)
 from . import sr_map as _sr_map, tsgb as _tsgb  # noqa: E402,F401  registers sr-map, tsgb
 from . import seeds as _seeds  # noqa: E402,F401  registers relevance-cam, guidance-cam, cmwp, gradual-extrapolation
+from . import rollout as _rollout  # noqa: E402,F401  registers rollout, gradient-rollout (transformers)
 
 __all__ = ["Method", "Request", "Result", "METHODS", "get_method", "method_names", "register"]

@@ -12,8 +12,10 @@ from graph_passes import grad_name
 from graph_passes._graph import attrs, consumers, initializers, tensor_array
 
 from ..errors import SaliencyError
+from ..intake.layers import spatial_view
 from ..output.postprocess import scale_cam_image
 from .base import Method, Request, Result
+from .options import Option
 
 
 def bilinear_align_corners(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -53,10 +55,13 @@ class CAMMethod(Method):
         out = req.engine.run(req.x, req.targets, expose=req.layers, wrt=wrt, batch_size=req.batch_size)
         per_layer, raws = [], []
         for layer in req.layers:
-            A = out[layer]
+            A, G = out[layer], out[grad_name(layer)] if self.uses_gradients else None
+            view = spatial_view(req.engine.model, layer)
+            if view is not None:  # channels-last or transformer tokens: pytorch-grad-cam's reshape_transform
+                A, G = view.to_nchw(A), None if G is None else view.to_nchw(G)
             if A.ndim != 4:
-                raise SaliencyError(f"-m {self.name}: layer {layer!r} has shape {A.shape}, expected (N, C, h, w)")
-            G = out[grad_name(layer)] if self.uses_gradients else None
+                raise SaliencyError(f"-m {self.name}: layer {layer!r} has shape {A.shape}, expected (N, C, h, w), "
+                                    "(N, h, w, C) normalised over C, or (N, T, C) tokens after a patch embedding")
             cam = np.maximum(self.layer_map(A, G, req, out, layer), 0).astype(np.float32)
             raws.append(cam)
             per_layer.append(scale_cam_image(cam, req.size))
@@ -192,6 +197,9 @@ class ScoreCAM(CAMMethod):
 
     name = "scorecam"
     uses_gradients = False
+    options = (Option("variant", "choice", "pgc", "pgc: softmax over channels of the masked target logits "
+                      "(pytorch-grad-cam); official: target probability of each masked input (Wang et al.)",
+                      choices=("pgc", "official")),)
 
     def layer_map(self, A, G, req, out, layer):
         variant = req.option("variant", "pgc")

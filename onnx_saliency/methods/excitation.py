@@ -13,6 +13,7 @@ from .. import lrp as L
 from ..errors import SaliencyError, UnsupportedModelError
 from ..intake.layers import auto_layer
 from .base import Method, Request, Result
+from .options import Option
 from .gradual import extra_exposures, hand_over
 from .layer_maps import combine_layer_maps, spatial, tensor_or_node
 
@@ -77,6 +78,9 @@ class ContrastiveExcitationBackprop(Method):
     """
 
     name = "contrastive-excitation-backprop"
+    options = (Option("contrast_layer", "str", None, "tensor or node where the dual signal is subtracted "
+                      "(default: the classifier layer's input)"),
+               Option("classifier", "str", None, "the classifier node (default: the last linear layer)"))
 
     def explain(self, req: Request) -> Result:
         if not req.layers:

@@ -9,6 +9,7 @@ from graph_passes import grad_name
 
 from ..errors import SaliencyError
 from .base import Method, Request, Result
+from .options import Option
 from .cam import GradCAM
 
 
@@ -93,6 +94,11 @@ class SmoothGrad(Method):
 
     name = "smoothgrad"
     uses_layer = False
+    options = (Option("n", "int", 20, "noisy copies per image", low=1, high=10000),
+               Option("noise_level", "float", 0.1, "noise sd as a fraction of each image's value range", low=0.0,
+                      high=100.0),
+               Option("seed", "int", 0, "seed of the noise", low=0, high=2 ** 32 - 1),
+               Option("noise", "array", None, "(n, N, C, H, W) noise to add instead of drawing it (API only)"))
 
     def explain(self, req: Request) -> Result:
         targets, scores = _resolved_targets(req)
@@ -120,11 +126,18 @@ class IntegratedGradients(Method):
 
     name = "integrated-gradients"
     uses_layer = False
+    options = (Option("steps", "int", 20, "Riemann steps from the baseline to the input", low=1, high=10000),
+               Option("baseline", "float-or-array", 0.0, "the path's start: a value, or (API) an array "
+                      "broadcastable to the input batch"))
 
     def explain(self, req: Request) -> Result:
         targets, scores = _resolved_targets(req)
         m = int(req.option("steps", 20))
-        baseline = np.broadcast_to(np.asarray(req.option("baseline", 0.0), np.float32), req.x.shape)
+        try:
+            baseline = np.broadcast_to(np.asarray(req.option("baseline", 0.0), np.float32), req.x.shape)
+        except ValueError:
+            raise SaliencyError(f"--option baseline: an array of shape {np.shape(req.option('baseline'))} does "
+                                f"not broadcast to the input batch {req.x.shape}") from None
         alphas = (np.arange(1, m + 1, dtype=np.float32) / m)[:, None, None, None, None]
         path = (baseline[None] + alphas * (req.x - baseline)[None]).reshape((-1,) + req.x.shape[1:])
         grads = _input_gradient(req, path, np.tile(targets, m))[grad_name(req.engine.model.input_name)]

@@ -7,6 +7,7 @@ import numpy as np
 from ..errors import SaliencyError
 from .base import Request, Result
 from .cam import CAMMethod
+from .options import Option
 
 PROVISIONAL = ("guidance-cam: formula reconstructed from the paper's abstract (no official code, equations of "
                "its section 3.2 not retrieved); provisional, see methods-spec section 5.2")
@@ -23,6 +24,9 @@ class GuidanceCAM(CAMMethod):
     """
 
     name = "guidance-cam"
+    options = (Option("variant", "choice", "global", "global: rectify the aggregation by the guidance map; "
+                      "per-channel: rectify each channel", choices=VARIANTS),
+               Option("reference", "bool", False, "refused: no reference code exists (methods-spec 5.2)"))
 
     def layer_map(self, A, G, req, out, layer):
         variant = self._variant(req)
@@ -39,6 +43,9 @@ class GuidanceCAM(CAMMethod):
         return variant
 
     def explain(self, req: Request) -> Result:
+        if str(req.option("reference", "false")).lower() not in ("false", "0"):
+            raise SaliencyError("--option reference: guidance-cam has no reference code to reproduce (the authors "
+                                "published none; the formula is reconstructed from the abstract, methods-spec 5.2)")
         variant = self._variant(req)  # a bad variant fails before any onnxruntime work
         result = super().explain(req)
         result.options["variant"] = variant

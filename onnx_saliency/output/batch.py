@@ -79,13 +79,14 @@ def explain_images(explainer, images: Sequence[Path], methods: Sequence[str], ou
                    batch_size: int, options: dict, max_pixels: int = MAX_PIXELS, resume: bool = False,
                    on_failure: Callable[[str], None] = lambda line: None,
                    on_progress: Callable[[int], None] = lambda n: None, load: Callable | None = None,
-                   write: Callable = write_image_outputs) -> BatchOutcome:
+                   write: Callable = write_image_outputs, complete: Callable = outputs_complete) -> BatchOutcome:
     """Explain `images` with every method in `methods`, `batch_size` images at a time, into `out`.
 
     `on_progress(k)` is called with k (image, method) units as they are done. `load(image) -> uint8 RGB`
     replaces reading the file (default ``load_image`` with `max_pixels`) and `write` replaces
     :func:`write_image_outputs` (same arguments): the scale-out runner passes its own for sources that are
-    not local files and for Parquet shards, so both engines share this loop."""
+    not local files and for Parquet shards, so both engines share this loop. `complete` replaces
+    :func:`outputs_complete` (same arguments) as the --resume test, for a `write` that draws otherwise."""
     outcome = BatchOutcome()
     sha = explainer.model.sha256
     broken: dict[tuple, str] = {}  # (method, input shape) -> why it cannot run: not retried on later chunks
@@ -100,9 +101,14 @@ def explain_images(explainer, images: Sequence[Path], methods: Sequence[str], ou
             outcome.method_failed[(images[i], method)] = reason
             on_failure(_naming(images[i], reason, method))
 
+    def settings(method: str, i: int) -> dict | None:
+        how = getattr(explainer, "run_settings", None)
+        return how(method, layer, int(targets[i]), options) if how is not None else None
+
     for start in range(0, len(images), batch_size):
         chunk = range(start, min(start + batch_size, len(images)))
-        todo = {m: [i for i in chunk if not (resume and outputs_complete(out, images[i], m, sha))] for m in methods}
+        todo = {m: [i for i in chunk if not (resume and complete(out, images[i], m, sha, settings(m, i)))]
+                for m in methods}
         needed = sorted({i for idx in todo.values() for i in idx})
         outcome.resumed += [images[i] for i in chunk if i not in needed]
         on_progress(sum(len(chunk) - len(todo[m]) for m in methods))
@@ -123,8 +129,11 @@ def explain_images(explainer, images: Sequence[Path], methods: Sequence[str], ou
                     for i in group:
                         fail_method(i, m, broken[key])
                 else:
-                    results += _explain_group(explainer, m, group, pictures, layer, targets, batch_size, options,
-                                              lambda i, reason, m=m: fail_method(i, m, reason), broken, key)
+                    found = _explain_group(explainer, m, group, pictures, layer, targets, batch_size, options,
+                                           lambda i, reason, m=m: fail_method(i, m, reason), broken, key)
+                    for method, idx, result in found:
+                        result.settings = [settings(method, i) for i in idx]  # recorded in each sidecar
+                    results += found
                 on_progress(len(group))
         for m, group, result in results:
             for k, i in enumerate(group):
@@ -160,9 +169,12 @@ def _explain_group(explainer, method, group, pictures, layer, targets, batch_siz
 
     NaN/Inf and out-of-memory are told apart per image (one image at a time, on this failure path only); any
     other error means the method cannot run on images of this shape: `broken[key]` remembers it."""
+    declared = explainer.options_of(method, options)
+    own = {k: v for k, v in options.items() if k in declared}  # the run's options serve all its methods
+
     def run(idx):
         result = explainer.explain([pictures[i] for i in idx], method=method, layer=layer,
-                                   target=[int(targets[i]) for i in idx], batch_size=batch_size, **options)
+                                   target=[int(targets[i]) for i in idx], batch_size=batch_size, **own)
         if not np.isfinite(result.maps).all():
             raise NumericalError(f"non-finite values (NaN/Inf) in the {method} map, made after the graph ran "
                                  "(in the method's post-processing)")

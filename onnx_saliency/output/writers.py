@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from ..errors import SaliencyError
+from ..guard import refusal
 
 __all__ = ["ensure_dir", "write_bytes", "write_png", "write_npy", "write_json", "json_default"]
 
@@ -36,13 +37,55 @@ def ensure_dir(path) -> Path:
     return path
 
 
-def write_bytes(path, data: bytes) -> Path:
-    """Atomically replace ``path`` with ``data``."""
+def temp_prefix(path: Path, pid: int | None = None) -> str:
+    """'.<name>.<pid>.': temp files carry their writer's process id, so a run cleaning up after a killed one
+    (`stale_temps`) never deletes the live temp file of another run writing into the same folder."""
+    return f".{Path(path).name}.{os.getpid() if pid is None else pid}."
+
+
+def stale_temps(path: Path) -> list[Path]:
+    """Temp files of `path` left by writers that are no longer running (killed between write and rename)."""
     path = Path(path)
+    found = []
+    try:
+        entries = list(path.parent.iterdir()) if path.parent.is_dir() else []
+    except OSError:
+        return []
+    head = f".{path.name}"
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(head) and name.endswith(".tmp")):
+            continue
+        rest = name[len(head):-len(".tmp")]  # '.PID.random' now; 'random' (no pid) from older versions
+        pid = rest[1:].split(".", 1)[0] if rest.startswith(".") else ""
+        if not pid.isdecimal() or not _alive(int(pid)):
+            found.append(entry)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # someone else's live process (or unknowable): leave its file alone
+    return True
+
+
+def write_bytes(path, data: bytes) -> Path:
+    """Atomically replace ``path`` with ``data``; refused when ``path`` is an input of this run or exists
+    and is not a regular file (``guard.refusal``)."""
+    path = Path(path)
+    why = refusal(path)
+    if why:
+        raise SaliencyError(f"{path}: {why}")
     folder = ensure_dir(path.parent)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + path.name, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=temp_prefix(path), suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):
                 os.fchmod(f.fileno(), 0o666 & ~_UMASK)
@@ -96,4 +139,6 @@ def json_default(obj):
 def write_json(path, obj) -> Path:
     """Write ``obj`` as indented JSON (key order kept) with a trailing newline."""
     text = json.dumps(obj, indent=2, sort_keys=False, default=json_default, ensure_ascii=False)
-    return write_bytes(path, (text + "\n").encode("utf-8"))
+    # a file name with bytes that are not UTF-8 reaches us as surrogates: written as \udcXX escapes, which
+    # json.loads turns back into the same str (os.fsencode gives the original bytes)
+    return write_bytes(path, (text + "\n").encode("utf-8", "backslashreplace"))
