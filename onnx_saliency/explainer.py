@@ -20,7 +20,8 @@ from .models import label_names
 
 
 class Explainer:
-    """Explain one ONNX classifier. Sessions are cached per rewritten graph for the Explainer's lifetime."""
+    """Explain one ONNX classifier. Sessions are cached per rewritten graph, least recently used dropped first
+    once they would exceed the engine's memory budget; rewritten graphs are also cached on disk (`cache`)."""
 
     def __init__(self, path, preset: str | None = None, provider: str = "cpu", threads: int | None = None,
                  labels=None, fuse_affine: bool = False, cache=None, **preprocessing_overrides):

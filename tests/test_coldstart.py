@@ -284,3 +284,25 @@ def test_suite_never_uses_the_user_cache():
     import os
 
     assert os.environ.get(graph_cache.ENV) == "off" and graph_cache.default_cache_dir() is None
+
+
+def test_structure_is_read_without_the_large_weights_which_stay_in_the_file(tmp_path):
+    from onnx_saliency.intake.wire import read_structure
+
+    path = small_classifier(tmp_path / "m.onnx")
+    full = onnx.load(str(path))
+    model, found = read_structure(path, 1 << 14)
+    raw = path.read_bytes()
+    names = [t.name for t in full.graph.initializer]
+    assert [names[i] for i in found] == ["fc1.w"]
+    for i, (t, s) in enumerate(zip(full.graph.initializer, model.graph.initializer)):
+        if i in found:
+            offset, length = found[i]
+            assert raw[offset:offset + length] == t.raw_data and not s.raw_data and s.name == t.name
+        else:
+            assert s == t
+    assert list(model.graph.node) == list(full.graph.node) and model.opset_import == full.opset_import
+    # the loaded model maps that weight from the file, read-only, and never holds it in its graphs
+    loaded = load_model(path)
+    assert set(loaded.weights.files) == {"fc1.w"}
+    assert isinstance(loaded.weights.arrays["fc1.w"], np.memmap) and not loaded.weights.arrays["fc1.w"].flags.writeable
