@@ -23,8 +23,9 @@ import numpy as np
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTOS = ["darknet/dog.jpg", "darknet/eagle.jpg", "darknet/person.jpg", "skimage/chelsea.png", "skimage/coffee.png",
           "skimage/astronaut.png"]
-COMPOSITES = ["epsilon-plus-flat", "epsilon-plus-flat-nobias", "epsilon-alpha2-beta1-flat",
-              "epsilon-alpha2-beta1-flat-nobias", "epsilon-gamma-box", "epsilon-gamma-box-nobias"]
+COMPOSITES = ["epsilon-plus-flat", "epsilon-plus-flat-nobias", "epsilon-plus", "epsilon-plus-nobias",
+              "epsilon-alpha2-beta1-flat", "epsilon-alpha2-beta1-flat-nobias", "epsilon-gamma-box",
+              "epsilon-gamma-box-nobias"]
 STEP = 896
 
 

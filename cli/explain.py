@@ -52,12 +52,16 @@ from .common import (CompositeOption, explainer_from_options, fail_cleanly, meth
 @click.option("--shard-size", type=int, default=None, help="[ray] Images per shard: one actor call, one "
               "Parquet file (default max(64, --batch-size)).")
 @rendering_options
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of the rewritten-graph cache (default: $ONNX_SALIENCY_CACHE, else the user's cache "
+              "folder); `onnx-saliency cache info|clear`.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the rewritten-graph cache.")
 @quiet_option
 @with_model_options
 @fail_cleanly
 def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, composite, rule_map, resume,
             max_pixels, memory_budget, report, engine, address, actors, cpus_per_actor, gpus_per_actor, fmt,
-            shard_size, clip_percentile, blend, quiet, **model_kw):
+            shard_size, clip_percentile, blend, quiet, cache_dir=None, no_cache=False, **model_kw):
     """Explain IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model).
 
     A bad image is reported on stderr (one line naming it) and skipped; the others are written. A method
@@ -97,6 +101,8 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
         raise SaliencyError(f"--rule-map {rule_map}: no such file")
     options = method_options(option_pairs, method_objs, composite=composite, rule_map=rule_map)
     ex = explainer_from_options(model, **model_kw)
+    if no_cache or cache_dir is not None:
+        ex.use_cache(False if no_cache else cache_dir)
     speak_up(ex, inputs, model, quiet)
     ex.engine.memory_budget = budget
     if composite is not None or rule_map is not None:
@@ -174,6 +180,8 @@ def _explain_on_ray(ex, images, method_objs, layer_spec, target, out, batch_size
             click.echo(f"shard  {shard['shard'] or '-'} pid {shard['pid']}: {shard['images']} image(s), decode "
                        f"{shard['decode_s']:.3f} s, explain {shard['explain_s']:.3f} s, write {shard['write_s']:.3f} s, "
                        f"actor peak resident {mib(shard['peak_rss'])}", err=True)
+        click.echo("report  no report.html with --engine ray (the page and the LRP conservation tables are written "
+                   "by --engine local)", err=True)
     resumed = f"; {outcome.resumed} already complete (--resume)" if outcome.resumed else ""
     where = f"{out} (Parquet shards in {out / 'maps'}, failures in {out / 'errors.parquet'})" if (
         scale["--format"] == "parquet") else str(out)

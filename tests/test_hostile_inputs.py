@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from onnx_saliency.cli.main import main
@@ -556,17 +556,19 @@ def _bn_model(path, training: int, use_stats: bool = False):
     return path
 
 
-@FEW
+_BN = {}
+
+
+@settings(FEW, max_examples=15)
 @given(seed=st.integers(0, 2 ** 16), method=st.sampled_from(["gradcam", "gradient", "lrp"]))
 def test_training_mode_batchnorm_maps_do_not_depend_on_the_batch(seed, method):
     from onnx_saliency import Explainer
 
-    path = _WORK / "bn_train.onnx"
-    if not path.exists():
-        _bn_model(path, training=1)
-        _bn_model(_WORK / "bn_eval.onnx", training=0)
+    if not _BN:
+        _BN["train"] = Explainer(_bn_model(_WORK / "bn_train.onnx", training=1))
+        _BN["eval"] = Explainer(_bn_model(_WORK / "bn_eval.onnx", training=0))
     x = list(np.random.default_rng(seed).integers(0, 255, (3, 16, 16, 3), np.uint8))
-    train, evaluated = Explainer(path), Explainer(_WORK / "bn_eval.onnx")
+    train, evaluated = _BN["train"], _BN["eval"]
     alone = train.explain(x[:1], method=method).maps[0]
     together = train.explain(x, method=method).maps[0]
     np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
@@ -703,7 +705,10 @@ def test_evaluate_refuses_an_annotated_class_beyond_the_model(tmp_path):
                           "--metric", "pointing-game", "--out", tmp_path / "o"), "class 7", "4 classes")
 
 
-@FEW
+@settings(FEW, max_examples=15)
+@example(box=(20, 2, 5, 5))   # wholly right of the 16x16 image
+@example(box=(-30, -30, 10, 10))  # wholly above and left
+@example(box=(10, 10, 20, 20))  # partly outside: clipped, scored
 @given(box=st.tuples(st.integers(-40, 40), st.integers(-40, 40), st.integers(1, 30), st.integers(1, 30)))
 def test_evaluate_skips_an_image_whose_box_misses_it_and_keeps_the_others(box):
     x0, y0, w, h = box

@@ -235,6 +235,8 @@ class GradualExtrapolation(Method):
     (ge_normalise=minmax; the reference's clip at one standard deviation makes a plateau with no peak). With
     them Grad-CAM+GE keeps Grad-CAM's pointing game (10/10) and Pearson 0.94 with it, where the reference
     settings invert it on dark objects (Pearson 0.11, -0.60 on the dog photo; pointing game 5/10).
+    Against the authors' code (benchmarks/results_seed_parity.md) the default differs by design: Pearson
+    0.548 / 0.773 with v1 / v2 on VGG-16, about 0 on ResNet-50 with random signed BN; reference mode 1.000000.
 
     `reference=v1` (or true) reproduces szandala/gradual-extrapolation (the paper's code), `reference=v2` the
     2023 revision (upsample only): every MaxPool and strided Conv of the model (not AveragePool), each conv's

@@ -17,6 +17,8 @@ instead of being folded into its conv: the same except where a conv's output is 
 receptive field of zeros, no bias), where the reference's conv rule multiplies g BN(0) / 1e-10 by that 0 and
 drops the relevance the folded conv keeps (on MobileNetV2 with random weights this is most of the
 difference). The classifier's classifier_layers are chosen on the folded graph; the names are the same.
+Measured against a torch re-implementation of the reference (benchmarks/results_seed_parity.md, random signed BN):
+MobileNetV2 Pearson 0.971 by default, 1.000000 with reference=true; ResNet-50 and VGG-16 1.000000 either way.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import graph_passes as gp
 from graph_passes.tsgb import append_tsgb, classifier_layers
 
 from ..engine import check_finite
+from ..intake.model import inference_mode_batchnorm
 from ..errors import SaliencyError, UnsupportedModelError
 from ..intake.layers import refuse_transformer
 from . import register
@@ -61,7 +64,7 @@ class TSGB(Method):
 
         def build(canonical):
             if group_blind:  # the reference's LRP-BN rule on each BatchNorm, as the model has it
-                canonical = gp.canonicalize(model.original, fold_bn=False)
+                canonical = gp.canonicalize(inference_mode_batchnorm(model.original, model.path)[0], fold_bn=False)
             m = gp.append_target_seed(gp.expose_tensors(canonical, [score]), score)
             try:
                 return append_tsgb(m, score, [inp], seed=gp.SEED, classifier=classifier, group_blind=group_blind)
