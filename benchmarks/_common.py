@@ -89,7 +89,9 @@ def ort_session(model, threads: int = 2):
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    from graph_passes._graph import materialize  # loaded models keep their weights in a store, not the proto
+
+    source = str(model) if isinstance(model, (str, Path)) else materialize(model).SerializeToString()
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 

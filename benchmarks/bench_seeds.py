@@ -65,7 +65,9 @@ def kernel_profile(graph, feeds: dict, runs: int = 3) -> tuple[float, dict]:
     so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "bench_seeds_profile")
-    sess = ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    from graph_passes._graph import materialize  # loaded models keep their weights in a store, not the proto
+
+    sess = ort.InferenceSession(materialize(graph).SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
     for _ in range(runs + 1):

@@ -177,7 +177,7 @@ def speed(onnx_path: Path, target: int, repeats: int, maps: Path) -> dict:
 FAITH_METHODS = ("attnlrp", "cp-lrp", "rollout", "gradient-rollout", "gradcam", "random")
 
 
-def faithfulness(onnx_path: Path, n_images: int, step: int) -> dict:
+def faithfulness(onnx_path: Path, n_images: int, step: int, methods=FAITH_METHODS) -> dict:
     from onnx_saliency import Explainer
     from onnx_saliency.evaluation.metrics import perturbation_curves
 
@@ -194,7 +194,7 @@ def faithfulness(onnx_path: Path, n_images: int, step: int) -> dict:
     p /= p.sum(1, keepdims=True)
     out = {"images": [p.name for p in images], "step": step, "top1_prob": p.max(1).tolist(), "methods": {}}
     rng = np.random.default_rng(0)
-    for method in FAITH_METHODS:
+    for method in methods:
         t0 = time.perf_counter()
         if method == "random":
             maps = rng.random((len(x), SIZE, SIZE)).astype(np.float32)
@@ -208,6 +208,8 @@ def faithfulness(onnx_path: Path, n_images: int, step: int) -> dict:
                                   "seconds": time.perf_counter() - t0}
         print(f"{method}: deletion {np.mean(out['methods'][method]['deletion']):.5f} insertion "
               f"{np.mean(out['methods'][method]['insertion']):.5f}", flush=True)
+        print("FAITH " + json.dumps({"method": method, **out["methods"][method], "images": out["images"],
+                                     "top1_prob": out["top1_prob"]}), flush=True)  # survives a later crash
     return out
 
 
@@ -275,6 +277,8 @@ def main():
     p.add_argument("--onnx")
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--maps")
+    p.add_argument("--no-speed", action="store_true", help="faithfulness only (prints one JSON line per method)")
+    p.add_argument("--faith-methods", default=",".join(FAITH_METHODS))
     args = p.parse_args()
     if args.only:
         return probe(args)
@@ -290,8 +294,12 @@ def main():
             target = int(model(torch.from_numpy(pixels())).argmax())
         del model
         print(f"exported ({time.perf_counter() - start:.0f} s), target {target}", flush=True)
+        if args.no_speed:
+            faithfulness(path, args.images, args.step, tuple(args.faith_methods.split(",")))
+            return
         spd = speed(path, target, args.repeats, tmp)
-        faith = faithfulness(path, args.images, args.step) if args.images else None
+        print("SPEED " + json.dumps(spd), flush=True)  # survives a later crash
+        faith = faithfulness(path, args.images, args.step, tuple(args.faith_methods.split(","))) if args.images else None
         extra.update(load_after=loadavg(), wall_s=time.perf_counter() - start)
         text = report(machine_info(PACKAGES), spd, tmp, faith, extra)
     Path(args.out).write_text(text)

@@ -31,7 +31,10 @@ def session(model_or_path, profile: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
     so.enable_profiling = profile
-    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
+    from graph_passes._graph import materialize  # loaded models keep their weights in a store, not the proto
+
+    src = materialize(model_or_path).SerializeToString() if hasattr(model_or_path, "SerializeToString") \
+        else str(model_or_path)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 

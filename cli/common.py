@@ -121,10 +121,20 @@ class CompositeOption(click.Option):
     CLI starts without importing the LRP machinery)."""
 
     def get_help_record(self, ctx):
-        from onnx_saliency.lrp import composite_names
+        from onnx_saliency.lrp import COMPOSITES
 
         if not getattr(self, "_listed", False):
-            self.help = f"{self.help or ''} One of: {', '.join(composite_names())}.".strip()
+            # wrapped here, at commas, in a block Click keeps as is (\b): its own wrapping breaks names at hyphens
+            words = [f"{n}," for n in sorted(COMPOSITES)] + ["each", "but", "excitation-backprop", "also", "as",
+                                                             "NAME-nobias", "(biases", "zeroed:", "docs/lrp-bias.md)."]
+            lines, line = [], "One of:"
+            for word in words:
+                if len(line) + 1 + len(word) > 44:
+                    lines.append(line)
+                    line = word
+                else:
+                    line = f"{line} {word}"
+            self.help = f"{self.help or ''}\n\n\b\n" + "\n".join(lines + [line])
             self._listed = True
         return super().get_help_record(ctx)
 
@@ -273,3 +283,22 @@ def note(text: str, quiet: bool = False) -> None:
     """An informational line on stderr (what was assumed, what was done), silenced by --quiet."""
     if not quiet:
         click.echo(f"note: {text}", err=True)
+
+
+def rendering_options(f):
+    """--clip-percentile and --blend: how the commands that draw maps (explain, compare) colour signed and pixel
+    maps (onnx_saliency.output.postprocess.render)."""
+    f = click.option("--blend", is_flag=True, help="Draw signed and pixel maps over a grey copy of the photo "
+                     "(colour where the map is strong); default: a heatmap of its own. CAMs are always overlaid.")(f)
+    f = click.option("--clip-percentile", type=float, default=99.5, show_default=True,
+                     help="Signed maps: colours saturate at this percentile of |R| (symmetric, white = 0); "
+                     "unsigned pixel maps: at this percentile of the map. 100 = the maximum.")(f)
+    return f
+
+
+def rendering_from_options(clip_percentile: float, blend: bool):
+    from onnx_saliency.output.sidecar import Rendering
+
+    if not 0 < clip_percentile <= 100:
+        raise SaliencyError(f"--clip-percentile {clip_percentile:g}: must be in (0, 100]")
+    return Rendering(clip_percentile=clip_percentile, blend=blend)

@@ -9,8 +9,8 @@ import click
 from onnx_saliency.errors import SaliencyError
 
 from .common import (explainer_from_options, fail_cleanly, method_options, parse_target, progress, quiet_option,
+                     rendering_from_options, rendering_options,
                      speak_up, split_model_and_images, with_model_options)
-
 
 
 def _panel(rgb, height: int):
@@ -37,21 +37,25 @@ MAX_PANEL = 4096
 @click.option("--size", type=int, default=224, show_default=True, help="Height of each panel in pixels (8..4096).")
 @click.option("--cols", type=int, default=None, help="Panels per row (default: all in one row).")
 @click.option("--option", "option_pairs", multiple=True, help="Method option KEY=VALUE, passed to every method.")
+@rendering_options
 @quiet_option
 @with_model_options
 @fail_cleanly
-def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs, quiet, **model_kw):
+def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs, clip_percentile, blend, quiet,
+            **model_kw):
     """[MODEL] IMAGE: the image and every requested method's overlay side by side in one PNG.
 
-    A method that fails is reported (one `error:` line) and left out; the others are drawn and the exit
-    status is 1."""
+    CAMs are overlaid on the photo; signed pixel maps (LRP, gradient x input, TSGB, IG) are diverging heatmaps
+    (red +, blue -, white 0) and unsigned pixel maps sequential ones, each with its colour bar. A method that
+    fails is reported (one `error:` line) and left out; the others are drawn and the exit status is 1."""
     from onnx_saliency.methods import get_method
-    from onnx_saliency.output.postprocess import grid
+    from onnx_saliency.output.postprocess import grid, render, titled, with_colour_bar
     from onnx_saliency.intake.preprocess import load_image
-    from onnx_saliency.output.sidecar import picture
+    from onnx_saliency.output.sidecar import result_kind
     from onnx_saliency.output.batch import PartialFailure, method_error
     from onnx_saliency.output.writers import write_png
 
+    rendering = rendering_from_options(clip_percentile, blend)
     if not 8 <= size <= MAX_PANEL:  # a typo such as 100000 would ask for a canvas of tens of GB
         raise SaliencyError(f"--size {size}: panels need from 8 to {MAX_PANEL} pixels")
     if cols is not None and not 1 <= cols <= 64:
@@ -84,7 +88,9 @@ def compare(inputs, methods, layers, target, out_path, size, cols, option_pairs,
                 bar.update(1)
                 continue
             t = int(result.targets[0])
-            panels.append(_panel(picture(display, result.maps[0], result.signed), size))
+            heat, scale = render(result.maps[0], result_kind(result), display, blend=rendering.blend,
+                                 clip_percentile=rendering.clip_percentile)
+            panels.append(titled(with_colour_bar(_panel(heat, size), scale), [scale.caption]))
             titles.append(f"{spelled}: {ex.model.label(t)} {float(result.scores[0]):.3g}")
             bar.update(1)
     if panels:

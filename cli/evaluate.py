@@ -94,12 +94,15 @@ def evaluate(inputs, methods, metrics, annotations, out_dir, layers, target, bat
         click.echo(f"  {line}")
     written = write_evaluation(result, Path(out_dir))
     click.echo(f"wrote {len(written)} file(s) to {out_dir}")
-    if result.failed:
+    if result.failed or result.skipped:
         from onnx_saliency.output.batch import PartialFailure
 
         # keys: a method (left out entirely) or "method sanity-mode" (only that check's cells are empty)
-        raise PartialFailure("; ".join(f"-m {key} failed; its cells are empty" if " " in key
-                                       else f"-m {key} failed and is left out of the evaluation"
-                                       for key in result.failed))
+        parts = [f"-m {key} failed; its cells are empty" if " " in key
+                 else f"-m {key} failed and is left out of the evaluation" for key in result.failed]
+        if result.skipped:
+            parts.insert(0, f"{len(result.skipped)} of {len(images)} image(s) failed and were skipped: "
+                            f"{', '.join(result.skipped)}")
+        raise PartialFailure("; ".join(parts))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -9,8 +10,8 @@ import click
 from onnx_saliency.errors import SaliencyError
 
 from .common import (CompositeOption, explainer_from_options, fail_cleanly, method_options, mib, parse_bytes,
-                     parse_target, peak_rss_bytes, progress, quiet_option, speak_up, split_model_and_images,
-                     with_model_options)
+                     parse_target, peak_rss_bytes, progress, quiet_option, rendering_from_options, rendering_options,
+                     speak_up, split_model_and_images, with_model_options)
 
 
 @click.command()
@@ -34,7 +35,8 @@ from .common import (CompositeOption, explainer_from_options, fail_cleanly, meth
 @click.option("--memory-budget", default="2GiB", show_default=True,
               help="Split batches so one onnxruntime call stays under this estimate (e.g. 512MiB, 8GiB).")
 @click.option("--report", is_flag=True, help="Print what canonicalisation did, batch splits, peak memory and, for "
-              "LRP, a conservation table.")
+              "LRP, the conservation table per layer; and write OUT/report.html, one self-contained page with every "
+              "image x method (pictures, targets, scores, settings, warnings, conservation tables).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process. ray: a Ray cluster (Ray Data actors; needs the [ray] extra).")
 @click.option("--address", default=None, help="[ray] Cluster to join: auto, HOST:PORT or ray://HOST:PORT "
@@ -49,12 +51,17 @@ from .common import (CompositeOption, explainer_from_options, fail_cleanly, meth
               help="[ray] files: png/npy/json per image as the local engine (default); parquet: a sharded dataset.")
 @click.option("--shard-size", type=int, default=None, help="[ray] Images per shard: one actor call, one "
               "Parquet file (default max(64, --batch-size)).")
+@rendering_options
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of the rewritten-graph cache (default: $ONNX_SALIENCY_CACHE, else the user's cache "
+              "folder); `onnx-saliency cache info|clear`.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the rewritten-graph cache.")
 @quiet_option
 @with_model_options
 @fail_cleanly
 def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, composite, rule_map, resume,
             max_pixels, memory_budget, report, engine, address, actors, cpus_per_actor, gpus_per_actor, fmt,
-            shard_size, quiet, **model_kw):
+            shard_size, clip_percentile, blend, quiet, cache_dir=None, no_cache=False, **model_kw):
     """Explain IMAGES (files or folders) with MODEL (.onnx; default: the embedded shapes model).
 
     A bad image is reported on stderr (one line naming it) and skipped; the others are written. A method
@@ -65,6 +72,7 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     written (the run stops there); 130 interrupted. Outputs are whole files or absent: rerun with --resume to finish.
     """
     from onnx_saliency.output.batch import explain_images
+    from onnx_saliency.output.sidecar import outputs_complete, write_image_outputs
     from onnx_saliency.methods import get_method
     from onnx_saliency.intake.preprocess import MAX_PIXELS
 
@@ -73,10 +81,13 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     if max_pixels is not None and max_pixels < 1:
         raise SaliencyError(f"--max-pixels {max_pixels}: must be at least 1")
     budget = parse_bytes(memory_budget, "--memory-budget")
+    rendering = rendering_from_options(clip_percentile, blend)
     scale = {"--address": address, "--actors": actors, "--cpus-per-actor": cpus_per_actor,
              "--gpus-per-actor": gpus_per_actor, "--format": fmt, "--shard-size": shard_size}
     if engine == "local" and any(v is not None for v in scale.values()):
         raise SaliencyError(f"{next(k for k, v in scale.items() if v is not None)}: needs --engine ray")
+    if engine == "ray" and (clip_percentile != 99.5 or blend):
+        raise SaliencyError("--clip-percentile/--blend: Ray actors draw with the defaults; use --engine local")
     if engine == "ray" and model_kw.get("threads") is not None:
         raise SaliencyError("--threads: with --engine ray each actor runs --cpus-per-actor threads")
     uris = tuple(i for i in inputs if "://" in i) if engine == "ray" else ()  # read by the actors
@@ -86,10 +97,12 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     model, images = split_model_and_images(tuple(i for i in inputs if i not in uris), bool(uris))
     images = images + list(uris)
     method_objs = [get_method(m) for m in methods]  # unknown methods fail before any work
-    if rule_map is not None and not Path(rule_map).is_file():
+    if rule_map is not None and not Path(rule_map).exists():  # a FIFO or folder: refused when read
         raise SaliencyError(f"--rule-map {rule_map}: no such file")
     options = method_options(option_pairs, method_objs, composite=composite, rule_map=rule_map)
     ex = explainer_from_options(model, **model_kw)
+    if no_cache or cache_dir is not None:
+        ex.use_cache(False if no_cache else cache_dir)
     speak_up(ex, inputs, model, quiet)
     ex.engine.memory_budget = budget
     if composite is not None or rule_map is not None:
@@ -115,7 +128,9 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
                                  layer=layer_spec if len(layer_spec) > 1 else layer_spec[0], targets=targets,
                                  batch_size=batch_size, options=options, max_pixels=max_pixels or MAX_PIXELS,
                                  resume=resume, on_failure=lambda line: bar.echo(f"error: {line}"),
-                                 on_progress=bar.update)
+                                 on_progress=bar.update,
+                                 write=functools.partial(write_image_outputs, rendering=rendering),
+                                 complete=functools.partial(outputs_complete, rendering=rendering))
     for image, method, value in outcome.constant:
         click.echo(f"warning: {image}: the {method} map is constant ({value:g}); saved as is, not normalised")
     if report:
@@ -130,6 +145,8 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
         peak = peak_rss_bytes()
         click.echo(f"memory  peak resident {mib(peak)} (getrusage ru_maxrss)" if peak is not None
                    else "memory  peak resident unknown on this platform")
+        page = _run_report(ex, images, method_objs, out, options, rendering, outcome, layer_spec, budget)
+        click.echo(f"report  {page}")
     resumed = f"; {len(outcome.resumed)} already complete (--resume)" if outcome.resumed else ""
     if outcome.partial:  # some images lost some methods: count outputs, not images
         click.echo(f"wrote {outcome.outputs} of {total} output(s) ({len(images)} image(s) x {len(method_objs)} "
@@ -163,6 +180,8 @@ def _explain_on_ray(ex, images, method_objs, layer_spec, target, out, batch_size
             click.echo(f"shard  {shard['shard'] or '-'} pid {shard['pid']}: {shard['images']} image(s), decode "
                        f"{shard['decode_s']:.3f} s, explain {shard['explain_s']:.3f} s, write {shard['write_s']:.3f} s, "
                        f"actor peak resident {mib(shard['peak_rss'])}", err=True)
+        click.echo("report  no report.html with --engine ray (the page and the LRP conservation tables are written "
+                   "by --engine local)", err=True)
     resumed = f"; {outcome.resumed} already complete (--resume)" if outcome.resumed else ""
     where = f"{out} (Parquet shards in {out / 'maps'}, failures in {out / 'errors.parquet'})" if (
         scale["--format"] == "parquet") else str(out)
@@ -171,6 +190,68 @@ def _explain_on_ray(ex, images, method_objs, layer_spec, target, out, batch_size
                f"({outcome.images_per_s:.1f} images/s) on {outcome.actors} actor(s); {len(outcome.failed)} failed; "
                f"driver setup {outcome.setup_seconds:.1f} s")
     outcome.raise_for_failures()
+
+
+def _run_report(ex, images, method_objs, out, options, rendering, outcome, layer_spec, budget):
+    """Print the LRP conservation tables and write OUT/report.html; returns its path."""
+    import cv2
+    import numpy as np
+
+    from onnx_saliency import lrp
+    from onnx_saliency.intake.preprocess import load_image
+    from onnx_saliency.methods.lrp import LRP
+    from onnx_saliency.output.run_report import REPORT_NAME, Conservation, RunReport, collect_entries, write_report
+    from onnx_saliency.output.postprocess import upscale
+    from onnx_saliency.output.sidecar import versions
+
+    m = ex.model
+    settings = [("model", str(m.path)), ("sha256", m.sha256), ("input", f"{m.input_name} {m.layout}"),
+                ("preprocessing", str(vars(ex.preprocessing) if hasattr(ex.preprocessing, "__dict__")
+                                      else ex.preprocessing)),
+                ("methods", ", ".join(x.name for x in method_objs)), ("layer", ", ".join(layer_spec)),
+                ("options", ", ".join(f"{k}={v}" for k, v in options.items()) or "none"),
+                ("pictures", f"clip percentile {rendering.clip_percentile:g}, blend {rendering.blend}, "
+                             f"min height {rendering.min_height}"),
+                ("memory budget", mib(budget)), ("execution provider", ex.engine.active_provider()),
+                ("versions", ", ".join(f"{k} {v}" for k, v in versions().items()))]
+    report = RunReport(model=m.path.name, settings=settings, rewrite=list(m.report.lines()))
+    report.warnings += [f"assumed: {a}" for a in getattr(ex, "assumptions", [])]
+    report.warnings += [f"{image}: the {method} map is constant ({value:g}); saved as is"
+                        for image, method, value in outcome.constant]
+    report.notes += [f"{method}: {note}" for method, note in outcome.notes]
+    report.errors += list(outcome.failed.values()) + [f"{image}: -m {method}: {why}" for (image, method), why
+                                                       in outcome.method_failed.items()]
+    report.entries = collect_entries(out, images, [x.name for x in method_objs])
+
+    for image in dict.fromkeys(e.image for e in report.entries):
+        try:
+            x, display = ex.prepare([load_image(image)])
+        except SaliencyError:
+            continue
+        if display is not None:
+            shown = upscale(display[0], rendering.min_height)
+            ok, buf = cv2.imencode(".png", cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
+            if ok:
+                report.inputs[image] = buf.tobytes()
+        for entry in (e for e in report.entries if e.image == image):
+            method = next(x for x in method_objs if x.name == entry.method)
+            if not isinstance(method, LRP):
+                continue
+            composite = options.get("composite") or method.default_composite
+            init = options.get("init") or method.default_init
+            target = int(entry.meta["target"]["class"])
+            rows = lrp.conservation_table(ex.engine, x, [target], composite=composite, init=init,
+                                          rule_map=options.get("rule_map"), low=options.get("low"),
+                                          high=options.get("high"))
+            scores = ex.engine.run(x, np.array([target]), outputs=[m.score_tensor])[m.score_tensor]
+            start = float(lrp.initial_total(scores, np.array([target]), init)[0])
+            c = Conservation(image, method.name, entry.meta.get("options", {}).get("composite", str(composite)), start,
+                             [{k: (float(v[0]) if k in ("out", "in") else v) for k, v in row.items()} for row in rows])
+            report.conservation.append(c)
+            click.echo(f"conservation  {image} -m {method.name} (composite {c.composite}, start {start:.6g})")
+            for line in lrp.format_conservation(rows):
+                click.echo(f"conservation  {line}")
+    return write_report(out / REPORT_NAME, report)
 
 
 def _given(value, default):

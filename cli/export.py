@@ -27,7 +27,7 @@ from .common import fail_cleanly
               help="Triton instance kind (KIND_CPU or KIND_GPU).")
 @click.option("--resize/--no-resize", default=True, show_default=True,
               help="CAM maps min-maxed and resized to the input (as the API), or the raw ReLU map at the layer.")
-@click.option("--composite", default=None, help="LRP composite (default epsilon-plus-flat).")
+@click.option("--composite", default=None, help="LRP composite (default epsilon-plus-flat-nobias; see docs/lrp-bias.md).")
 @click.option("--rule-map", type=click.Path(), default=None, help="LRP rule map file.")
 @click.option("--init", default=None, help="LRP initial relevance: logit | one | contrastive | sglrp.")
 @click.option("--report", is_flag=True, help="Also print what canonicalisation did, node by node.")
@@ -46,7 +46,7 @@ def export_explainer(model, method, layers, output, triton_dir, triton_name, max
 
     if output is None and triton_dir is None:
         raise SaliencyError("export-explainer: give -o FILE.onnx, --triton DIR, or both")
-    if rule_map is not None and not Path(rule_map).is_file():
+    if rule_map is not None and not Path(rule_map).exists():  # a FIFO or folder: refused when read
         raise SaliencyError(f"--rule-map {rule_map}: no such file")
     ex = Explainer(model, preset=preset, labels=labels)
     if report:

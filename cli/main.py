@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .audit import audit
+from .cache import cache
 from .compare import compare
 from .evaluate import evaluate
 from .explain import explain
@@ -21,7 +22,7 @@ def main():
     """Saliency maps for image classifiers, from the exported ONNX file alone."""
 
 
-for _command in (explain, layers, info, rules, list_methods, compare, evaluate, audit, export_explainer):
+for _command in (explain, layers, info, rules, list_methods, compare, evaluate, audit, export_explainer, cache):
     main.add_command(_command)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from graph_passes import summarize_nodes
 from onnx_saliency.errors import SaliencyError
 
 from .common import CompositeOption, echo_rewrite_report, explainer_from_options, fail_cleanly, with_model_options
@@ -12,7 +11,7 @@ from .common import CompositeOption, echo_rewrite_report, explainer_from_options
 
 @click.command()
 @click.argument("model", type=click.Path())
-@click.option("--composite", cls=CompositeOption, default="epsilon-plus-flat", show_default=True,
+@click.option("--composite", cls=CompositeOption, default="epsilon-plus-flat-nobias", show_default=True,
               help="LRP composite: which rule each kind of layer gets.")
 @click.option("--rule-map", type=click.Path(), default=None, help="JSON rule map (overrides --composite).")
 @click.option("--report", is_flag=True, help="Also print what canonicalisation did, node by node.")
@@ -35,6 +34,8 @@ def rules(model, composite, rule_map, report, image, **model_kw):
         click.echo(line)
     missing = [line.split("\t")[:2] for line in lines if "\tNO RULE" in line]
     if missing:
+        from graph_passes import summarize_nodes
+
         raise SaliencyError(f"{len(missing)} node(s) have no relevance rule: {summarize_nodes(missing)}")
     if x is not None:
         from onnx_saliency.lrp.blocks import conservation_lines, token_stream

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import uuid
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,11 +60,278 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     g.sparse_initializer.extend(src.sparse_initializer)
     listed = {vi.name for vi in src.input}
     for t in src.initializer:
-        if int(np.prod(t.dims)) >= _SKELETON_MIN_ELEMENTS and t.name not in listed:
+        big = int(np.prod(t.dims)) >= _SKELETON_MIN_ELEMENTS or placeholder_ref(t) is not None
+        if big and t.name not in listed:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             g.initializer.append(t)
     return sk
+
+
+# --- weights held once, outside the protos --------------------------------------------------------------------
+# A rewrite clones its input graph; with the weights inside the proto every clone, serialisation and session
+# copies them (seconds and gigabytes on VGG-16). Loaded models therefore keep each large weight once, as a
+# read-only numpy array in a WeightStore, and the graphs hold a *placeholder* in its place: an initializer with
+# the weight's name, type and shape whose external-data location names the store and the key. Passes read
+# values through tensor_array(); the engine hands the arrays to onnxruntime as shared OrtValues
+# (SessionOptions.add_external_initializers: no copy); materialize() puts them back for files that leave us.
+
+STORE_LOCATION = "onnx-saliency-store:"
+STORE_MIN_ELEMENTS = 1 << 14  # smaller initializers stay in the graphs (shape inference may read their values)
+_STORES: "weakref.WeakValueDictionary[str, WeightStore]" = weakref.WeakValueDictionary()
+
+
+class WeightStore:
+    """Large weights by key, each one read-only numpy array; graphs refer to them with placeholders."""
+
+    def __init__(self):
+        self.id = uuid.uuid4().hex
+        self.arrays: dict[str, np.ndarray] = {}
+        self._counter = itertools.count()
+        self._ortvalues: dict = {}
+        self.memo: dict = {}  # derived weights by digest of their values -> key (each kept once)
+        self._own_digests: dict = {}
+        self.files: dict = {}  # key -> (file, offset, length) of weights mapped from a file (put_file)
+        _STORES[self.id] = self
+
+    def __getstate__(self):  # ships to scale-out actors with its LoadedModel; OrtValues are per process
+        return {"id": self.id, "arrays": self.arrays}
+
+    def __setstate__(self, state):
+        self.id, self.arrays = state["id"], state["arrays"]
+        self._counter, self._ortvalues, self.memo = itertools.count(len(self.arrays)), {}, {}
+        self._own_digests, self.files = {}, {}  # memory maps arrive as arrays: held in memory here
+        _STORES.setdefault(self.id, self)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def placeholder(self, name: str, key: str) -> onnx.TensorProto:
+        arr = self.arrays[key]
+        t = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(arr.dtype),
+                             dims=arr.shape, data_location=onnx.TensorProto.EXTERNAL)
+        t.external_data.add(key="location", value=f"{STORE_LOCATION}{self.id}/{key}")
+        return t
+
+    def put(self, name: str, array: np.ndarray, key: str | None = None) -> onnx.TensorProto:
+        """Keep `array` (not copied; made read-only) and return the placeholder initializer `name` for it."""
+        key = key or f"derived/{next(self._counter)}"
+        array = np.ascontiguousarray(array)
+        array.flags.writeable = False
+        self.arrays[key] = array
+        return self.placeholder(name, key)
+
+    def shared(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """A placeholder for a derived weight, kept once however many graphs derive the same values (one hash,
+        no copy); its key is dropped with the last session that uses it (see drop)."""
+        array = np.ascontiguousarray(array)
+        digest = _digest(array)
+        key = self.memo.get(digest)
+        if key is None:  # the model's own weight, computed again (LRP's "w" rules): the original is shared
+            key = next((k for k, a in self.arrays.items() if not k.startswith("derived/") and a.shape == array.shape
+                        and a.dtype == array.dtype and self._own_digest(k) == digest), None)
+        if key is None or key not in self.arrays:
+            key = self.put(name, array).external_data[0].value.rpartition(f"{self.id}/")[2]
+            self.memo[digest] = key
+        return self.placeholder(name, key)
+
+    def _own_digest(self, key: str) -> tuple:
+        """The digest of one of the model's own weights, computed once (only for same-shaped candidates)."""
+        if key not in self._own_digests:
+            self._own_digests[key] = _digest(self.arrays[key])
+        return self._own_digests[key]
+
+    def pin(self, model: onnx.ModelProto) -> None:
+        """Make the derived weights `model` refers to the model's own (kept for good, under stable keys named
+        after their tensors: a canonical graph's folded BatchNorms), in place."""
+        moved: dict[str, str] = {}
+        for t in model.graph.initializer:
+            ref = placeholder_ref(t)
+            if ref is None or ref[0] != self.id or not ref[1].startswith("derived/"):
+                continue
+            if ref[1] not in moved:  # one array may back several initializers (same values)
+                key = f"model/{t.name}"
+                while key in self.arrays:
+                    key += "+"
+                self.arrays[key] = self.arrays.pop(ref[1])
+                self._ortvalues.pop(ref[1], None)
+                moved[ref[1]] = key
+            t.external_data[0].value = f"{STORE_LOCATION}{self.id}/{moved[ref[1]]}"
+        self.memo = {d: moved.get(k, k) for d, k in self.memo.items()}
+
+    def drop(self, keys) -> None:
+        """Forget derived weights (never the model's own): their last session is gone."""
+        keys = {k for k in keys if k.startswith("derived/")}
+        for k in keys:
+            self.arrays.pop(k, None)
+            self._ortvalues.pop(k, None)
+        self.memo = {d: k for d, k in self.memo.items() if k not in keys}
+
+    def put_file(self, name: str, path, offset: int, dtype, shape, key: str) -> onnx.TensorProto:
+        """Keep a weight that lies in a file (bytes offset.. of `path`) as a read-only memory map of it: nothing
+        is read until a pass asks for values, and onnxruntime maps the same bytes itself (ort_model)."""
+        from pathlib import Path
+
+        array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(int(d) for d in shape))
+        self.arrays[key] = array
+        self.files[key] = (Path(path).resolve(), int(offset), int(array.nbytes))
+        return self.placeholder(name, key)
+
+    def ortvalue(self, key: str):
+        """One OrtValue per weight, shared by every session (onnxruntime reads the numpy memory itself)."""
+        if key not in self._ortvalues:
+            import onnxruntime as ort
+
+            self._ortvalues[key] = ort.OrtValue.ortvalue_from_numpy(self.arrays[key])
+        return self._ortvalues[key]
+
+
+def _digest(array: np.ndarray) -> tuple:
+    return array.dtype.str, array.shape, hashlib.blake2b(array.data, digest_size=20).digest()
+
+
+def placeholder_ref(t: onnx.TensorProto) -> tuple[str, str] | None:
+    """(store id, key) of a placeholder initializer, else None."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    loc = next((e.value for e in t.external_data if e.key == "location"), "")
+    if not loc.startswith(STORE_LOCATION):
+        return None
+    store_id, _, key = loc[len(STORE_LOCATION):].partition("/")
+    return store_id, key
+
+
+def store_of(model) -> WeightStore | None:
+    """The store a model's (or graph's) placeholders point to (None for one that holds all its weights)."""
+    for t in getattr(model, "graph", model).initializer:
+        ref = placeholder_ref(t)
+        if ref is not None:
+            return _STORES.get(ref[0])
+    return None
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """numpy_helper.to_array that also reads placeholders (the store's array itself: read-only, never copied)."""
+    ref = placeholder_ref(t)
+    if ref is None:
+        return numpy_helper.to_array(t)
+    store = _STORES.get(ref[0])
+    if store is None or ref[1] not in store.arrays:
+        raise GraphPassError(f"weight {t.name!r} refers to a weight store that is gone ({ref[0]}/{ref[1]})")
+    return store.arrays[ref[1]]
+
+
+def externalize(model: onnx.ModelProto, store: WeightStore, min_elements: int | None = None,
+                prefix: str = "") -> onnx.ModelProto:
+    """A copy of `model` whose initializers of at least `min_elements` elements are placeholders for arrays in
+    `store` (key: `prefix` + name). `model` is emptied of them: drop it, for protobuf frees a message's memory
+    only with the whole message (its arena), so the weights leave memory with the old model, not before."""
+    limit = _SKELETON_MIN_ELEMENTS if min_elements is None else min_elements
+    inits = model.graph.initializer
+    for i, t in enumerate(inits):
+        if placeholder_ref(t) is not None or int(np.prod(t.dims, dtype=np.int64)) < limit:
+            continue
+        if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            continue
+        key = prefix + t.name
+        while key in store.arrays:  # a name reused for other values (a float16 weight widened in place)
+            key += "+"
+        inits[i].CopyFrom(store.put(t.name, numpy_helper.to_array(t), key))
+    return clone(model)
+
+
+def materialize(model: onnx.ModelProto, keep=None) -> onnx.ModelProto:
+    """A copy of `model` holding every weight itself (for files and processes outside this one); `keep(key)`
+    true leaves that placeholder as it is (weights the receiver has in its own store)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        ref = placeholder_ref(t)
+        if ref is not None and not (keep is not None and keep(ref[1])):
+            t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
+    return out
+
+
+def has_derived(model: onnx.ModelProto) -> bool:
+    """Whether `model` refers to weights a rewrite derived (kept in the store under "derived/" keys)."""
+    return any((ref := placeholder_ref(t)) is not None and ref[1].startswith("derived/")
+               for t in model.graph.initializer)
+
+
+def new_initializer(model, name: str, array: np.ndarray) -> onnx.TensorProto:
+    """An initializer for a weight a pass computes: a placeholder in the store of `model` when it has one and
+    the weight is large, else the values themselves."""
+    store = store_of(model) if array.size >= _SKELETON_MIN_ELEMENTS else None
+    return numpy_helper.from_array(array, name) if store is None else store.shared(name, array)
+
+
+def _resolve(t: onnx.TensorProto, ref, fallback) -> WeightStore:
+    store = _STORES.get(ref[0])
+    if store is None or ref[1] not in store.arrays:
+        store = fallback
+    if store is None or ref[1] not in store.arrays:
+        raise GraphPassError(f"weight {t.name!r} refers to a weight store that is gone ({ref[0]}/{ref[1]})")
+    return store
+
+
+def ort_model(model: onnx.ModelProto, options, fallback: WeightStore | None = None) -> tuple[bytes, int]:
+    """`model` serialised for an onnxruntime session made with SessionOptions `options`, its placeholders
+    resolved without copying a weight on our side: weights mapped from a file become external-data references
+    to that file (onnxruntime maps it as well), the others shared OrtValues. Edits `model` in place (pass a
+    graph of your own). Returns the bytes and the weights' size."""
+    from pathlib import Path
+
+    names, values, nbytes, folder = [], [], 0, None
+    for t in model.graph.initializer:
+        ref = placeholder_ref(t)
+        if ref is None:
+            continue
+        store = _resolve(t, ref, fallback)
+        nbytes += store.arrays[ref[1]].nbytes
+        file = store.files.get(ref[1])
+        if file is not None and folder in (None, file[0].parent):
+            folder = file[0].parent
+            del t.external_data[:]
+            for k, v in (("location", file[0].name), ("offset", str(file[1])), ("length", str(file[2]))):
+                t.external_data.add(key=k, value=v)
+            continue
+        names.append(t.name)
+        values.append(store.ortvalue(ref[1]))
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    if names:
+        options.add_external_initializers(names, values)
+    return model.SerializeToString(), nbytes
+
+
+def is_file_backed(t: onnx.TensorProto) -> bool:
+    ref = placeholder_ref(t)
+    store = _STORES.get(ref[0]) if ref is not None else None
+    return store is not None and ref[1] in store.files
+
+
+def placeholder_keys(model: onnx.ModelProto) -> set[str]:
+    return {ref[1] for t in model.graph.initializer if (ref := placeholder_ref(t)) is not None}
+
+
+def external_initializers(model: onnx.ModelProto, fallback: WeightStore | None = None) -> tuple[list, list, int]:
+    """(names, OrtValues, their bytes) for SessionOptions.add_external_initializers: every placeholder of
+    `model`. `fallback` resolves keys of a store this process never had (a graph cached by another process)."""
+    names, values, nbytes = [], [], 0
+    for t in model.graph.initializer:
+        ref = placeholder_ref(t)
+        if ref is None:
+            continue
+        store = _STORES.get(ref[0])
+        if store is None or ref[1] not in store.arrays:
+            store = fallback
+        if store is None or ref[1] not in store.arrays:
+            raise GraphPassError(f"weight {t.name!r} refers to a weight store that is gone ({ref[0]}/{ref[1]})")
+        names.append(t.name)
+        values.append(store.ortvalue(ref[1]))
+        nbytes += store.arrays[ref[1]].nbytes
+    return names, values, nbytes
 
 
 def checked(model: onnx.ModelProto, pass_name: str) -> onnx.ModelProto:
@@ -135,7 +406,7 @@ def const_value(graph: onnx.GraphProto, name: str, inits=None) -> np.ndarray | N
     """The numpy value of an initializer (or a Constant node output), else None."""
     inits = inits if inits is not None else initializers(graph)
     if name in inits:
-        return numpy_helper.to_array(inits[name])
+        return tensor_array(inits[name])
     for node in graph.node:
         if node.op_type == "Constant" and node.output[0] == name:
             for attr in node.attribute:

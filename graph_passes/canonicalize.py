@@ -25,7 +25,8 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper, version_converter
 
 from ._graph import (MIN_IR, MIN_OPSET, GraphPassError, attrs, checked, clone, consumers, graph_inputs, infer,
-                     initializers, is_topological, opset_of, producers, tensor_infos, unique_node_names)
+                     initializers, is_topological, new_initializer, opset_of, placeholder_ref, producers,
+                     tensor_array, tensor_infos, unique_node_names)
 from .fuse_affine import fuse_affine as fuse_affine_pass
 from .precision import to_float32
 from .shape_probe import probe_shapes
@@ -120,9 +121,27 @@ def _upgrade_opset(m: onnx.ModelProto) -> onnx.ModelProto:
 _NODE_SUFFIX = "::node"
 
 
+def _foldable_weights(m: onnx.ModelProto) -> set[str]:
+    """Placeholder weights read by a node whose inputs are all constant (what graph-surgeon may fold: its
+    onnxruntime run needs their values); every other weight stays in the store through folding."""
+    constant = {t.name for t in m.graph.initializer}
+    held = {t.name for t in m.graph.initializer if placeholder_ref(t) is not None}
+    wanted: set[str] = set()
+    for node in m.graph.node:  # exports list nodes in topological order; a missed fold is only a missed fold
+        ins = [i for i in node.input if i]
+        if node.op_type == "Constant" or (ins and all(i in constant for i in ins)):
+            constant.update(o for o in node.output if o)
+            wanted.update(i for i in ins if i in held)
+    return wanted
+
+
 def _fold_constants(m: onnx.ModelProto, report: CanonicalizeReport) -> onnx.ModelProto:
     tensors = {t.name for t in m.graph.initializer} | {t for n in m.graph.node for t in [*n.input, *n.output]}
     proto = clone(m)
+    foldable = _foldable_weights(proto)
+    for t in proto.graph.initializer:
+        if t.name in foldable:
+            t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
     for node in proto.graph.node:
         if node.name in tensors:
             node.name += _NODE_SUFFIX
@@ -209,12 +228,12 @@ def _fold_batchnorm(m: onnx.ModelProto, report: CanonicalizeReport) -> None:
                                                           and src.input[2] not in inits):
             report.kept_bn.append(bn.name)
             continue
-        gamma, beta, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
+        gamma, beta, mean, var = (tensor_array(p).astype(np.float64) for p in params)
         scale = gamma / np.sqrt(var + a.get("epsilon", 1e-5))
         w_t = inits[src.input[1]]
-        w = numpy_helper.to_array(w_t).astype(np.float64)
+        w = tensor_array(w_t).astype(np.float64)
         has_bias = len(src.input) > 2 and src.input[2]
-        b = numpy_helper.to_array(inits[src.input[2]]).astype(np.float64) if has_bias else np.zeros(len(scale))
+        b = tensor_array(inits[src.input[2]]).astype(np.float64) if has_bias else np.zeros(len(scale))
         if src.op_type == "Conv":
             w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
         elif attrs(src).get("transB", 0):
@@ -225,7 +244,7 @@ def _fold_batchnorm(m: onnx.ModelProto, report: CanonicalizeReport) -> None:
         b = (b - mean) * scale + beta
         # fresh initializer names: the originals may be shared with other nodes
         w_name, b_name = f"{src.name or src.output[0]}/W_bnfolded", f"{src.name or src.output[0]}/B_bnfolded"
-        g.initializer.append(numpy_helper.from_array(w.astype(numpy_helper.to_array(w_t).dtype), w_name))
+        g.initializer.append(new_initializer(g, w_name, w.astype(tensor_array(w_t).dtype)))
         g.initializer.append(numpy_helper.from_array(b.astype(np.float32), b_name))
         src.input[1] = w_name
         if has_bias:
@@ -288,7 +307,7 @@ def _preprocessing_chain(g: onnx.GraphProto, start: str, cons, inits) -> tuple[l
 def _absorb_input_transpose(m: onnx.ModelProto, report: CanonicalizeReport) -> None:
     g = m.graph
     cons = consumers(g)
-    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer
+    inits = {i.name: tensor_array(i) for i in g.initializer
              if len(i.dims) <= 4 and int(np.prod(i.dims)) <= 4096}
     for vi in graph_inputs(m):
         dims = vi.type.tensor_type.shape.dim

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._graph import attrs, checked, clone, consumers, infer, initializers, producers, tensor_infos
+from ._graph import (attrs, checked, clone, consumers, infer, initializers, new_initializer, producers,
+                     tensor_array, tensor_infos)
 
 # op -> how the constant operand combines with the layer output y
 _AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
@@ -42,10 +43,10 @@ def matmul_add_to_gemm(model: onnx.ModelProto, log: list | None = None) -> onnx.
     for node in [n for n in g.node if n.op_type == "MatMul"]:
         x, w = node.input[0], node.input[1]
         x_info = infos.get(x)
-        if w not in inits or numpy_helper.to_array(inits[w]).ndim != 2 or x_info is None or \
+        if w not in inits or tensor_array(inits[w]).ndim != 2 or x_info is None or \
                 x_info.shape is None or len(x_info.shape) != 2:
             continue
-        units = numpy_helper.to_array(inits[w]).shape[1]
+        units = tensor_array(inits[w]).shape[1]
         inputs, out, what = [x, w], node.output[0], f"MatMul {node.name} -> Gemm"
         users = cons.get(out, [])
         if len(users) == 1 and out not in outputs and users[0].op_type == "Add":
@@ -139,10 +140,10 @@ def _why_not_foldable(layer, x, inits, cons, outputs) -> str | None:
 def _fold_into(g, node, layer, value, inits) -> None:
     """Rewrite `layer`'s weight and bias so that it computes node(layer(x)); then drop `node`."""
     w_t = inits[layer.input[1]]
-    w = numpy_helper.to_array(w_t).astype(np.float64)
+    w = tensor_array(w_t).astype(np.float64)
     has_bias = len(layer.input) > 2 and bool(layer.input[2])
     channels = len(value)
-    b = numpy_helper.to_array(inits[layer.input[2]]).astype(np.float64).reshape(-1) if has_bias else np.zeros(channels)
+    b = tensor_array(inits[layer.input[2]]).astype(np.float64).reshape(-1) if has_bias else np.zeros(channels)
     b = np.broadcast_to(b, (channels,)).copy()
     op = node.op_type
     if op in ("Mul", "Div"):
@@ -159,7 +160,7 @@ def _fold_into(g, node, layer, value, inits) -> None:
     base = layer.name or layer.output[0]
     w_name, b_name = _fresh(g, f"{base}/W_affine"), _fresh(g, f"{base}/B_affine")
     # fresh names: the original initializers may be shared with other layers
-    g.initializer.append(numpy_helper.from_array(w.astype(_dtype(w_t)), w_name))
+    g.initializer.append(new_initializer(g, w_name, w.astype(_dtype(w_t))))
     g.initializer.append(numpy_helper.from_array(b.astype(_dtype(w_t)), b_name))
     layer.input[1] = w_name
     if has_bias:
@@ -188,7 +189,7 @@ def _channel_constant(node, x, inits, channels, rank) -> np.ndarray | None:
     other = node.input[1] if node.input[0] == x else node.input[0]
     if other not in inits or channels is None or rank is None:
         return None
-    v = numpy_helper.to_array(inits[other])
+    v = tensor_array(inits[other])
     if v.dtype.kind != "f" or v.ndim > rank:
         return None
     shape = (1,) * (rank - v.ndim) + v.shape

@@ -14,12 +14,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ._graph import tensor_array
+
 HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _NAMES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 
 def _widen(t: onnx.TensorProto) -> onnx.TensorProto:
-    wide = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
+    wide = numpy_helper.from_array(tensor_array(t).astype(np.float32), t.name)
     wide.doc_string = t.doc_string
     return wide
 

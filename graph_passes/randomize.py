@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ._graph import GraphPassError, checked, clone, consumers, initializers, unique_node_names
+from ._graph import GraphPassError, checked, clone, consumers, initializers, tensor_array, unique_node_names
 
 PARAMETER_OPS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
                  "BatchNormalization": (1, 2)}
@@ -84,7 +84,7 @@ def randomize_weights(model: onnx.ModelProto, layers, seed: int = 0, step: int |
         targets = [(node, i) for i in _learned_inputs(node, inits)]
         targets += [(add, i) for add in _bias_adds(g, node, inits) for i in add.input if i in inits]
         for owner, tensor in targets:
-            value = numpy_helper.to_array(inits[tensor])
+            value = tensor_array(inits[tensor])
             rng = np.random.default_rng([seed, _stable_hash(name), _stable_hash(tensor)])
             noise = (rng.standard_normal(value.shape) * float(np.std(value.astype(np.float64)))).astype(value.dtype)
             new_name = f"{tensor}__randomized__{name}"

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ._graph import clone, graph_inputs, initializers, tensor_infos
+from ._graph import clone, graph_inputs, initializers, ort_model, tensor_infos
 
 # Output shape depends on input *values* (beyond sizes given as inputs, handled below).
 _DATA_SHAPED = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop", "If", "Scan", "StringSplit",
@@ -125,7 +125,8 @@ def _run(model, inputs, infos, wanted, batches) -> list[dict] | None:
     opts = ort.SessionOptions()  # its log follows onnxruntime's default logger (onnx_saliency quiets that)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # one run: build it fast
     try:
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        data, _ = ort_model(probe, opts)  # weights held in a store: mapped or shared, not copied
+        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         results = []
         for batch in batches:
             feeds = {}

@@ -20,13 +20,17 @@ from .models import label_names
 
 
 class Explainer:
-    """Explain one ONNX classifier. Sessions are cached per rewritten graph for the Explainer's lifetime."""
+    """Explain one ONNX classifier. Sessions are cached per rewritten graph, least recently used dropped first
+    once they would exceed the engine's memory budget; rewritten graphs are also cached on disk (`cache`)."""
 
     def __init__(self, path, preset: str | None = None, provider: str = "cpu", threads: int | None = None,
-                 labels=None, fuse_affine: bool = False, **preprocessing_overrides):
+                 labels=None, fuse_affine: bool = False, cache=None, **preprocessing_overrides):
+        """cache: a folder for rewritten graphs (engine.cache), None for the default ($ONNX_SALIENCY_CACHE, else
+        the user's cache folder), False for none."""
         check_threads(threads)
         self.model: LoadedModel = load_model(path, fuse_affine=fuse_affine)
         self.engine = Engine(self.model, provider=provider, threads=threads)
+        self.use_cache(cache)
         pre = self.model.preprocessing()
         self.preprocessing: Preprocessing = pre.with_overrides(preset=preset, **preprocessing_overrides)
         # what was chosen for the user without a word from them or the model: said on stderr and in sidecars
@@ -54,6 +58,15 @@ class Explainer:
         self.engine = Engine(model, provider=provider, threads=threads)
         self.preprocessing = preprocessing
         return self
+
+    def use_cache(self, folder=None, max_bytes: int | None = None) -> None:
+        """Keep rewritten graphs in `folder` (None: the default folder; False: no cache), so the next process
+        that explains this model skips rewriting (see onnx_saliency.engine.cache)."""
+        from .engine.cache import DEFAULT_MAX_BYTES, GraphCache, default_cache_dir
+
+        folder = default_cache_dir() if folder is None else folder
+        self.engine.graph_source = None if folder is False or folder is None else GraphCache(
+            folder, self.model.sha256, DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
 
     # --- introspection ----------------------------------------------------------------------------------
     def layers(self) -> list[Layer]:
@@ -134,7 +147,12 @@ class Explainer:
         """Build the plain forward session now (it is cached for the first run): a model onnxruntime cannot
         load (an opset newer than the runtime, weights contradicting the graph) fails here as one error line,
         before any image is read, rather than once per image."""
-        self.engine.session(*self.engine.graph())
+        from graph_passes import GraphPassError
+
+        try:
+            self.engine.session(*self.engine.graph())
+        except GraphPassError:  # our rewrite does not apply (an exported explain graph): load the model as is
+            self.engine.session(("model",), lambda canonical: canonical)
 
     def run_settings(self, method: str, layer, target: int, options: dict) -> dict:
         """What decides one image's map besides the model and the image: the layer as asked (layer methods

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 import graph_passes as gp
-from graph_passes._graph import ancestors, checked, opset_of
+from graph_passes._graph import ancestors, checked, materialize, opset_of
 
 from . import __version__
 from .engine import RULE_SETS
@@ -164,7 +164,7 @@ def _pixel_graph(explainer, name, composite, rule_map, init, info):
     if name in ("lrp", "excitation-backprop"):
         from . import lrp as L
 
-        default = "excitation-backprop" if name == "excitation-backprop" else "epsilon-plus-flat"
+        default = "excitation-backprop" if name == "excitation-backprop" else L.DEFAULT_COMPOSITE
         comp = L.resolve_composite(explainer.engine, composite or default, rule_map)
         init = init or ("one" if name == "excitation-backprop" else "logit")
         g = L.build_relevance_graph(model.canonical, score, model.num_classes, [x], comp, init)
@@ -206,6 +206,7 @@ def _finish(g: onnx.ModelProto, explainer, outputs, info, size) -> onnx.ModelPro
     for key, value in props.items():
         g.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     del g.graph.value_info[:]
+    g = materialize(g)  # the file holds its weights (in memory they live once, in the model's weight store)
     g = onnx.shape_inference.infer_shapes(g, strict_mode=False)
     return checked(g, "export-explainer")
 

@@ -270,12 +270,12 @@ CASES = {
     "crop_larger_than_resize": (lambda e: ["explain", e.model, e.imgs, "--resize", "16", "--crop", "300"],
                                 lambda e: ["error: crop (300) is larger than resize (16) with resize_mode shorter"], 2),
     "labels_missing": (lambda e: ["explain", e.model, e.imgs, "--labels", e.tmp / "labels.txt"],
-                       lambda e: [f"error: --labels {e.tmp / 'labels.txt'}: cannot read (No such file or directory)"],
+                       lambda e: [f"error: --labels {e.tmp / 'labels.txt'}: no such file"],
                        2),
     # annotation files (read by `evaluate` before any work)
     "annotations_not_json": (lambda e: ["evaluate", e.model, e.imgs, "--annotations", _bad_annotations(e, "{boxes")],
-                             lambda e: [f"error: {e.tmp / 'ann.json'}: invalid JSON (Expecting property name "
-                                        "enclosed in double quotes)"], 2),
+                             lambda e: [f"error: --annotations {e.tmp / 'ann.json'}: invalid JSON (Expecting property "
+                                        "name enclosed in double quotes at line 1)"], 2),
     "annotations_no_images_key": (lambda e: ["evaluate", e.model, e.imgs, "--annotations",
                                              _bad_annotations(e, '{"boxes": []}')],
                                   lambda e: [f"error: {e.tmp / 'ann.json'}: expected an object with key 'images' "

@@ -41,9 +41,12 @@ def test_explain_writes_png_npy_json_per_image_and_method(model, images, tmp_pat
     for i in range(3):
         for method in ("gradcam", "integrated-gradients"):
             base = out / f"img{i}" / method
-            assert cv2.imread(str(base) + ".png").shape == (16, 16, 3)
             assert np.load(str(base) + ".npy").shape == (16, 16)
             meta = json.loads((base.with_suffix(".json")).read_text())
+            # the 16x16 map upscaled 14x to 224 rows, under a title and the colour convention, with its bar
+            assert cv2.imread(str(base) + ".png").shape == (224 + 2 * 22, *meta["picture"]["shape"][1:], 3)
+            assert meta["picture"]["shape"][0] == 268 and meta["picture"]["shape"][1] > 224
+            assert meta["picture"]["kind"] == {"gradcam": "cam", "integrated-gradients": "signed"}[method]
             assert meta["method"] == method and len(meta["model_sha256"]) == 64
             assert meta["execution_provider"] == "CPUExecutionProvider"
             assert {"onnxruntime", "onnx-saliency"} <= set(meta["versions"])
@@ -104,3 +107,17 @@ def test_unsupported_op_reported_with_node_names_before_running(tmp_path, images
     code, text = _run("explain", path, images, "--out", out)
     assert code != 0 and not out.exists()
     assert text.strip() == f"error: {path}: unsupported op(s) in 1 node(s): Sin (1: weird_sine)"
+
+
+def test_resume_redraws_pictures_drawn_otherwise(model, images, tmp_path):
+    out = tmp_path / "out"
+    assert _run("explain", model, images, "-m", "gradient-x-input", "--out", out)[0] == 0
+    code, text = _run("explain", model, images, "-m", "gradient-x-input", "--out", out, "--resume")
+    assert code == 0 and "3 already complete" in text
+    code, text = _run("explain", model, images, "-m", "gradient-x-input", "--out", out, "--resume",
+                      "--clip-percentile", "90", "--blend")
+    assert code == 0 and "already complete" not in text, text
+    meta = json.loads((out / "img0" / "gradient-x-input.json").read_text())
+    assert meta["picture"]["clip_percentile"] == 90 and meta["picture"]["blend"] is True
+    code, text = _run("explain", model, images, "-m", "gradient-x-input", "--out", out, "--clip-percentile", "0")
+    assert code == 2 and "error: --clip-percentile 0: must be in (0, 100]" in text

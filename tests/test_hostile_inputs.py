@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from onnx_saliency.cli.main import main
@@ -556,17 +556,19 @@ def _bn_model(path, training: int, use_stats: bool = False):
     return path
 
 
-@FEW
+_BN = {}
+
+
+@settings(FEW, max_examples=15)
 @given(seed=st.integers(0, 2 ** 16), method=st.sampled_from(["gradcam", "gradient", "lrp"]))
 def test_training_mode_batchnorm_maps_do_not_depend_on_the_batch(seed, method):
     from onnx_saliency import Explainer
 
-    path = _WORK / "bn_train.onnx"
-    if not path.exists():
-        _bn_model(path, training=1)
-        _bn_model(_WORK / "bn_eval.onnx", training=0)
+    if not _BN:
+        _BN["train"] = Explainer(_bn_model(_WORK / "bn_train.onnx", training=1))
+        _BN["eval"] = Explainer(_bn_model(_WORK / "bn_eval.onnx", training=0))
     x = list(np.random.default_rng(seed).integers(0, 255, (3, 16, 16, 3), np.uint8))
-    train, evaluated = Explainer(path), Explainer(_WORK / "bn_eval.onnx")
+    train, evaluated = _BN["train"], _BN["eval"]
     alone = train.explain(x[:1], method=method).maps[0]
     together = train.explain(x, method=method).maps[0]
     np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
@@ -616,3 +618,174 @@ def test_a_fixed_batch_of_one_model_runs_at_the_default_batch_size(tmp_path):
     code, text, exc = _cli("explain", path, IMAGES, "-m", "gradcam", "-m", "integrated-gradients",
                            "--option", "steps=3", "--out", tmp_path / "o", "-q")
     assert code == 0 and exc is None, text
+
+
+# --- class 6: side files are read without trusting them ----------------------------------------------------
+
+def _fifo(path):
+    import os
+
+    os.mkfifo(path)
+    return path
+
+
+def _side(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def _deep(depth):
+    return ("[" * depth + "]" * depth).encode()
+
+
+SIDE_CASES = [
+    ("labels.txt", lambda p: _side(p, "labels.txt", "caf\xe9\nthé\n".encode("latin-1")), "not UTF-8"),
+    ("labels.json", lambda p: _side(p, "labels.json", _deep(100000)), "nested too deeply"),
+    ("labels.txt", lambda p: _fifo(p / "labels.txt"), "FIFO"),
+    ("labels.txt", lambda p: p, "folder"),
+]
+
+
+@pytest.mark.parametrize("name,make,needle", SIDE_CASES, ids=["latin1", "deep", "fifo", "folder"])
+def test_labels_side_file(tmp_path, name, make, needle):
+    path = make(tmp_path)
+    _one_error_line(*_cli("explain", MODEL, IMAGES, "--labels", path, "--out", tmp_path / "o"),
+                    "--labels", needle)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: _side(p, "r.json", '{"rules": [{"op": "Conv", "rule": "é"}]}'.encode("latin-1")), "not UTF-8"),
+    (lambda p: _side(p, "r.json", _deep(100000)), "nested too deeply"),
+    (lambda p: _fifo(p / "r.json"), "FIFO")], ids=["latin1", "deep", "fifo"])
+def test_rule_map_side_file(tmp_path, make, needle):
+    path = make(tmp_path)
+    _one_error_line(*_cli("explain", MODEL, IMAGES, "-m", "lrp", "--rule-map", path, "--out", tmp_path / "o"),
+                    "--rule-map", needle)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: _side(p, "a.json", '{"images": {"é": 1}}'.encode("latin-1")), "not UTF-8"),
+    (lambda p: _side(p, "a.json", _deep(100000)), "nested too deeply"),
+    (lambda p: _fifo(p / "a.json"), "FIFO")], ids=["latin1", "deep", "fifo"])
+def test_annotations_side_file(tmp_path, make, needle):
+    path = make(tmp_path)
+    _one_error_line(*_cli("evaluate", MODEL, IMAGES, "--annotations", path, "--out", tmp_path / "o"),
+                    "--annotations", needle)
+
+
+@FEW
+@given(depth=st.integers(1, 3000), text=st.binary(max_size=64))
+def test_any_labels_bytes_are_labels_or_one_line(depth, text):
+    from onnx_saliency.intake.labels import load_labels
+
+    for name, data in (("l.json", _deep(depth)), ("l.txt", text), ("l.json", text)):
+        path = _WORK / name
+        path.write_bytes(data)
+        try:
+            labels = load_labels(path)
+        except SaliencyError as err:
+            assert str(err).startswith(f"--labels {path}") and "\n" not in str(err)
+            continue
+        assert all(isinstance(label, str) for label in labels)
+
+
+def _annotations(tmp_path, entries):
+    import json
+
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"images": entries}))
+    return path
+
+
+def test_evaluate_refuses_an_annotated_class_beyond_the_model(tmp_path):
+    ann = _annotations(tmp_path, {"img0.png": {"class_index": 7, "boxes_in_file": [[1, 1, 8, 8]]},
+                                  "img1.png": {"class_index": 1, "boxes_in_file": [[1, 1, 8, 8]]}})
+    _one_error_line(*_cli("evaluate", MODEL, IMAGES, "--annotations", ann, "--target", "gt",
+                          "--metric", "pointing-game", "--out", tmp_path / "o"), "class 7", "4 classes")
+
+
+@settings(FEW, max_examples=15)
+@example(box=(20, 2, 5, 5))   # wholly right of the 16x16 image
+@example(box=(-30, -30, 10, 10))  # wholly above and left
+@example(box=(10, 10, 20, 20))  # partly outside: clipped, scored
+@given(box=st.tuples(st.integers(-40, 40), st.integers(-40, 40), st.integers(1, 30), st.integers(1, 30)))
+def test_evaluate_skips_an_image_whose_box_misses_it_and_keeps_the_others(box):
+    x0, y0, w, h = box
+    b = [x0, y0, x0 + w, y0 + h]
+    outside = b[2] <= 0 or b[3] <= 0 or b[0] >= 16 or b[1] >= 16
+    tmp = Path(tempfile.mkdtemp(dir=_WORK))
+    ann = _annotations(tmp, {"img0.png": {"class_index": 1, "boxes_in_file": [b]},
+                             "img1.png": {"class_index": 1, "boxes_in_file": [[2, 2, 9, 9]]}})
+    code, text, exc = _cli("evaluate", MODEL, IMAGES, "--annotations", ann, "--metric", "pointing-game",
+                           "--out", tmp / "o", "-q")
+    assert exc is None or isinstance(exc, SystemExit), text
+    if outside:
+        assert code == 1 and "img0.png" in text and "lies outside the 16x16 image" in text, text
+        assert "1 of 2 image(s) failed and were skipped: img0.png" in text
+    else:
+        assert code == 0, text
+    assert (tmp / "o" / "metrics.json").is_file() if (tmp / "o").exists() else code != 0
+
+
+def test_evaluate_skips_an_unreadable_image_like_explain(tmp_path):
+    import json
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in IMAGES.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    code, text, exc = _cli("evaluate", MODEL, folder, "--metric", "deletion", "--out", tmp_path / "o")
+    assert code == 1 and exc is None or isinstance(exc, SystemExit), text
+    assert "broken.png" in text and "1 of 3 image(s) failed and were skipped" in text
+    result = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert "broken.png" in result["skipped"] and len(result["images"]) == 2
+
+
+# --- generated variants for classes 2 and 3 ----------------------------------------------------------------
+
+@FEW
+@given(hops=st.lists(st.sampled_from([".", "sub/..", "sub/./..", "link"]), max_size=4),
+       via=st.sampled_from(["path", "symlink", "hardlink"]))
+def test_no_spelling_of_an_input_can_be_written_over(hops, via):
+    import os
+
+    from onnx_saliency.guard import note_input
+    from onnx_saliency.output.writers import write_bytes
+
+    root = Path(tempfile.mkdtemp(dir=_WORK))
+    (root / "sub").mkdir()
+    (root / "link").symlink_to(root)
+    source = root / "model.onnx"
+    source.write_bytes(b"precious")
+    note_input(source)
+    name = "model.onnx"
+    if via == "symlink":
+        name = "alias.onnx"
+        (root / name).symlink_to(source)
+    elif via == "hardlink":
+        name = "hard.onnx"
+        os.link(source, root / name)
+    target = root.joinpath(*hops, name)
+    with pytest.raises(SaliencyError, match="input of this run"):
+        write_bytes(target, b"clobbered")
+    assert source.read_bytes() == b"precious"
+
+
+@FEW
+@given(opset=st.integers(29, 500), shape=st.sampled_from([(1, 32), (2, 16), (16, 2), (32, 1), (8, 4)]),
+       which=st.sampled_from(["opset", "shape"]))
+def test_models_onnxruntime_refuses_are_one_line(opset, shape, which):
+    from onnx_saliency import Explainer
+
+    change = _opset(opset) if which == "opset" else _fc_shape(shape)
+    path = _variant(Path(tempfile.mkdtemp(dir=_WORK)), "v.onnx", change)
+    try:
+        Explainer(path).check_session()
+    except SaliencyError as err:
+        text = str(err)
+        assert text.startswith("v.onnx: ") or text.startswith(str(path)), text
+        assert "\n" not in text and "[ONNXRuntimeError]" not in text and "onnxruntime::" not in text
+        return
+    raise AssertionError(f"{which} variant loaded: {opset} {shape}")

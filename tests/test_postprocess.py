@@ -138,3 +138,72 @@ def test_grid_layout():
         grid([a, b], ["x"])
     with pytest.raises(SaliencyError, match="no images"):
         grid([], [])
+
+
+# --- rendering by kind ---------------------------------------------------------------------------------------
+from onnx_saliency.output.postprocess import (  # noqa: E402
+    figure, map_kind, render, upscale, with_colour_bar,
+)
+
+
+def test_map_kind_from_sign_and_pixel_attributions():
+    assert map_kind(True, True) == "signed" and map_kind(False, True) == "pixel" and map_kind(False, False) == "cam"
+
+
+def test_signed_render_is_symmetric_white_at_zero_and_clipped_at_the_percentile():
+    m = np.zeros((10, 10))
+    m[0, 0], m[0, 1], m[1, :] = 1000.0, -3.0, 1.0  # one outlier; |R| p90 = 1
+    heat, scale = render(m, "signed", clip_percentile=90)
+    assert scale.lo == -scale.hi and scale.hi == pytest.approx(1.0)
+    assert (heat[5, 5] == 255).all()                       # zero is white
+    assert tuple(heat[0, 0]) == (255, 0, 0)                # the outlier saturates at red, not the whole scale
+    assert tuple(heat[1, 3]) == (255, 0, 0)                # R = p90 is full red too
+    assert tuple(heat[0, 1]) == (0, 0, 255)                # negative beyond the clip: full blue
+    assert "red +, blue -, white 0" in scale.caption and "p90" in scale.caption
+    flipped, _ = render(-m, "signed", clip_percentile=90)  # sign flip swaps red and blue exactly
+    np.testing.assert_array_equal(flipped[..., 0], heat[..., 2])
+
+
+def test_signed_blend_shows_grey_photo_where_relevance_is_zero():
+    photo = np.zeros((4, 4, 3), np.uint8)
+    photo[..., 1] = 200  # green photo: grey copy has luminance ~117
+    m = np.zeros((4, 4))
+    m[0, 0] = 1.0
+    heat, scale = render(m, "signed", photo, clip_percentile=100, blend=True)
+    assert tuple(heat[0, 0]) == (255, 0, 0)
+    grey = heat[3, 3]
+    assert grey[0] == grey[1] == grey[2] and 100 < grey[0] < 135
+    assert "grey" in scale.caption
+    alone, _ = render(m, "signed", photo, clip_percentile=100)  # without blend the photo is not used
+    assert (alone[3, 3] == 255).all()
+
+
+def test_pixel_render_sequential_from_zero_and_cam_is_the_overlay():
+    m = np.arange(16.0).reshape(4, 4)
+    heat, scale = render(m, "pixel", clip_percentile=100)
+    assert scale.lo == 0 and scale.hi == 15
+    np.testing.assert_array_equal(heat[0, 0], scale.ramp[0])
+    np.testing.assert_array_equal(heat[3, 3], scale.ramp[255])
+    photo = np.full((4, 4, 3), 90, np.uint8)
+    cam, cam_scale = render(m, "cam", photo)
+    np.testing.assert_array_equal(cam, overlay(photo, colorize(minmax(m[None])[0])))
+    assert (cam_scale.lo, cam_scale.hi) == (0, 15)
+    with pytest.raises(SaliencyError, match="clip percentile"):
+        render(m, "signed", clip_percentile=0)
+    with pytest.raises(SaliencyError, match="unknown map kind"):
+        render(m, "rainbow")
+
+
+def test_figure_upscales_small_maps_and_adds_a_numbered_colour_bar():
+    assert upscale(np.zeros((16, 20, 3), np.uint8), 224).shape == (224, 280, 3)  # 14x, pixels stay square
+    assert upscale(np.zeros((300, 20, 3), np.uint8), 224).shape == (300, 20, 3)
+    heat, scale = render(np.linspace(-1, 1, 256).reshape(16, 16), "signed", clip_percentile=100)
+    barred = with_colour_bar(upscale(heat, 224), scale)
+    assert barred.shape[0] == 224 and barred.shape[1] > 224 + 14
+    bar_column = barred[:, 224 + 4 + 7]
+    np.testing.assert_array_equal(bar_column[1:-1], scale.ramp[np.rint(np.linspace(255, 0, 224)).astype(int)][1:-1])
+    assert bar_column[1][0] == 255 and bar_column[1][2] < 5 and bar_column[-2][2] == 255 and bar_column[-2][0] < 5
+    assert (bar_column[112] > 250).all()  # white in the middle: 0
+    fig = figure(heat, scale, "lrp: dog (207), score 12.5")
+    assert fig.shape[0] == 224 + 2 * 22 and fig.shape[1] >= 224
+    assert (fig[:44] < 128).any()  # the title and caption are drawn

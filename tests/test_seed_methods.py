@@ -503,8 +503,10 @@ def test_compare_writes_one_grid(tmp_path):
     res = CliRunner().invoke(main, ["compare", str(model), str(image), "-m", "gradcam", "-m", "relevance-cam",
                                     "-m", "cmwp+ge", "-o", str(out), "--size", "32"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    # four 32x32 panels (image + 3 methods) in one row, each under a 22 px title, 4 px apart
-    assert cv2.imread(str(out)).shape == (32 + 22, 4 * 32 + 3 * 4, 3)
+    # four cells (image + 3 methods) in one row, 4 px apart, each under a 22 px title; a method's 32-row panel
+    # also has its colour convention above it (22 px) and its colour bar beside it, so cells are wider than 32
+    h, w, _ = cv2.imread(str(out)).shape
+    assert h == 32 + 22 + 22 and (w - 3 * 4) % 4 == 0 and (w - 3 * 4) // 4 > 32
     bad = tmp_path / "bad.png"
     res = CliRunner().invoke(main, ["compare", str(model), str(image), "-m", "gradcam", "-m", "nope", "-o", str(bad)])
     assert res.exit_code == 2 and "error: -m 'nope': unknown method" in res.output and not bad.exists()
@@ -512,3 +514,27 @@ def test_compare_writes_one_grid(tmp_path):
     cv2.imwrite(str(other), np.zeros((16, 16, 3), np.uint8))
     res = CliRunner().invoke(main, ["compare", str(model), str(image), str(other), "-o", str(bad)])
     assert res.exit_code == 2 and "one image" in res.output
+
+
+def test_reference_mode_is_named_in_the_sidecar(tmp_path):
+    """--option reference=... reaches each seed method from the CLI and its JSON sidecar names it and the
+    differences that remain (issue 17)."""
+    import json
+
+    from onnx_saliency.cli.main import main
+
+    model = tiny_classifier(tmp_path / "tiny.onnx")
+    image = tmp_path / "cat.png"
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    for method, value, word in (("tsgb", "true", "grouped"), ("gradcam+ge", "v2", "reference v2"),
+                                ("relevance-cam", "true", "BatchNorm passes"), ("sr-map", "true", "max_unpool2d")):
+        out = tmp_path / method
+        args = ["explain", str(model), str(image), "-m", method, "--option", f"reference={value}", "--out", str(out)]
+        if method == "sr-map":
+            args += ["--option", "ca_resolution=16"]
+        res = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        side = json.loads(next(out.rglob("*.json")).read_text())
+        assert str(side["options"]["reference"]).lower() == value, (method, side["options"])
+        if method != "tsgb":  # the tiny net has no grouped conv: TSGB's reference graph is the default one
+            assert any(word in n for n in side["notes"]), (method, side["notes"])

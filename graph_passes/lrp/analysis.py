@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from .._graph import ancestors, attrs, consumers, initializers, producers, tensor_infos
+from .._graph import ancestors, attrs, consumers, initializers, producers, tensor_array, tensor_infos
 from ..vjp import NON_DIFFERENTIABLE
 from .rules import LRPRule
 
@@ -87,7 +86,7 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
     a.activations = live
 
     def const(name):
-        return numpy_helper.to_array(inits[name]) if name in inits else None
+        return tensor_array(inits[name]) if name in inits else None
 
     for node in g.node:
         op = node.op_type

@@ -73,25 +73,28 @@ class _Linear:
     def __init__(self, b, node, layer: LinearLayer, analysis: LRPAnalysis, fuse_tails: bool = True):
         self.b, self.node, self.layer = b, node, layer
         op = node.op_type
-        w = b.value(node.input[1]).astype(np.float64)
+        # the stored weight itself, in self.w's layout; self.w (float64) is computed on first use only: a dense
+        # layer whose rule reads the unmodified weight never needs it (VGG-16's fc6 would be 822 MB)
+        raw = b.value(node.input[1])
         bias = None
+        self._w, self._alpha = None, None
         self.group = attrs(node).get("group", 1) if op in ("Conv", "ConvTranspose") else 1
         if op in ("Conv", "ConvTranspose"):
             if len(node.input) > 2 and node.input[2]:
                 bias = self._const(node.input[2]).reshape(-1)
-            self.w = w  # Conv (M, C/g, k...), ConvTranspose (C, M/g, k...)
+            self._raw = raw  # Conv (M, C/g, k...), ConvTranspose (C, M/g, k...)
         elif op == "Gemm":
             a = attrs(node)
-            wt = w.T if a.get("transB", 0) else w
-            self.w = wt * a.get("alpha", 1.0)  # (K, M)
+            self._raw = raw.T if a.get("transB", 0) else raw  # (K, M)
+            self._alpha = a.get("alpha", 1.0)
             if len(node.input) > 2 and node.input[2]:
                 c = self._const(node.input[2])
-                if c.size not in (1, self.w.shape[1]):
+                if c.size not in (1, self._raw.shape[1]):
                     raise GraphPassError(f"{node.name} (Gemm): LRP needs a bias broadcast along the outputs")
-                bias = np.broadcast_to(c.reshape(-1), (self.w.shape[1],)) * a.get("beta", 1.0)
+                bias = np.broadcast_to(c.reshape(-1), (self._raw.shape[1],)) * a.get("beta", 1.0)
         else:
-            self.w = w  # (K, M)
-        channels = _channels(op, self.w, self.group)
+            self._raw = raw  # (K, M)
+        channels = _channels(op, self._raw, self.group)
         scale, shift = np.ones(channels), np.zeros(channels)
         for tail_name in layer.tails:
             tail = analysis.nodes[tail_name]
@@ -108,10 +111,23 @@ class _Linear:
         if layer.kind == "dense" and not layer.tails and (op == "MatMul" or attrs(node).get("alpha", 1.0) == 1.0):
             self.original_weight = (node.input[1], 0 if op == "Gemm" and attrs(node).get("transB", 0) else 1)
         if layer.tails and fuse_tails:
-            self.w = _per_output_channel(op, self.w, scale, self.group)
+            self._w = _per_output_channel(op, self.w, scale, self.group)
             bias = (np.zeros(channels) if bias is None else bias) * scale + shift
         self.bias = bias
         self._fwd_cache: dict = {}
+
+    @property
+    def w(self) -> np.ndarray:
+        """The layer's weight in float64, (K, M) for dense layers (alpha applied; a fused tail's scale too)."""
+        if self._w is None:
+            w = self._raw.astype(np.float64)
+            self._w = w * self._alpha if self._alpha is not None else w
+        return self._w
+
+    def unmodified_weight(self) -> np.ndarray:
+        """What weight("w") holds, as stored (float32, no copy); only where original_weight is set (no tail,
+        alpha 1), so that its values are exactly weight("w")'s."""
+        return self._raw
 
     def _const(self, name):
         v = self.b.value(name)
@@ -293,7 +309,10 @@ def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis, su
                 contributions.setdefault((t.input, t.weight), []).append((group.coef * t.sign, s))
         per_input: dict = {}
         for (ikind, wkind), ss in contributions.items():
-            w = lin.weight(wkind, rule.gamma)
+            if wkind == "w" and len(ss) == 1 and ss[0][0] == 1.0 and lin.original_weight is not None:
+                w = lin.unmodified_weight()  # transpose() reads the graph's own initializer: no float64 copy
+            else:
+                w = lin.weight(wkind, rule.gamma)
             if len(ss) == 1:  # a lone coefficient rides on the transposed weight
                 factor, s_sum = ss[0]
                 if factor != 1.0:

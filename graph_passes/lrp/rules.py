@@ -5,9 +5,17 @@ See graph_passes.lrp.compiler for the propagation formula the compiler emits fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+# What a linear rule does with the layer's bias (after BatchNorm folding, the BN shift is part of it):
+#   keep  the bias terms as each rule defines them (Bach et al., zennit's default): the bias sits in the
+#         denominator z and takes its share of the relevance, which is lost to the input (a sink per layer,
+#         the "sum R in" < "sum R out" of the conservation table)
+#   zero  zennit's ``zero_params=["bias"]``: z is computed without the bias, so each layer passes on all the
+#         relevance it receives (up to the stabiliser); the forward pass itself is unchanged
+BIAS_MODES = ("keep", "zero")
 
 @dataclass(frozen=True)
 class Term:
@@ -37,6 +45,7 @@ class LRPRule:
     gamma: float = 0.0
     low: tuple | None = None
     high: tuple | None = None
+    bias: str = "keep"  # BIAS_MODES; a "zero" rule's terms all carry bias "zero" (see with_bias)
     # "fuse": a layer's affine tail (BatchNorm, bias Add) is part of its weights and bias, as zennit's canonizers;
     # "pass": the rule sees the layer's own weights and bias and the tail passes relevance unchanged (the
     # Relevance-CAM reference code's BatchNorm2d.relprop)
@@ -48,6 +57,8 @@ class LRPRule:
             extra.append(f"eps={self.eps:g}")
         if self.gamma:
             extra.append(f"gamma={self.gamma:g}")
+        if self.bias != "keep":
+            extra.append(f"bias={self.bias}")
         return f"{self.name}({', '.join(extra)})" if extra else self.name
 
     @property
@@ -55,6 +66,21 @@ class LRPRule:
         """z equals the layer's own forward output (LRP-0 / epsilon): no extra forward conv."""
         return (self.kind == "linear" and len(self.groups) == 1 and not self.groups[0].mask
                 and self.groups[0].terms == (Term("x", "w", "b"),))
+
+
+def with_bias(rule: LRPRule, bias: str) -> LRPRule:
+    """`rule` with the bias handling `bias` (BIAS_MODES). "zero" replaces every term's bias by "zero" (zennit's
+    zero_params=["bias"]); non-linear rules and rules without bias terms (flat) come back as they are."""
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias {bias!r}: expected one of {', '.join(BIAS_MODES)}")
+    if rule.kind != "linear" or bias == rule.bias:
+        return rule
+    if bias == "keep":
+        raise ValueError(f"rule {rule.name}: its bias terms were removed; make it again to keep them")
+    if all(t.bias == "zero" for g in rule.groups for t in g.terms):
+        return rule  # flat: no bias to remove
+    groups = tuple(replace(g, terms=tuple(replace(t, bias="zero") for t in g.terms)) for g in rule.groups)
+    return replace(rule, groups=groups, bias="zero")
 
 
 def Epsilon(eps: float = 1e-6) -> LRPRule:
@@ -186,7 +212,13 @@ RULE_FACTORIES = {
 
 
 def make_rule(name: str, **params) -> LRPRule:
-    """Rule by name; ZBox takes low/high. Unknown names raise ValueError listing the known ones."""
+    """Rule by name; ZBox takes low/high; any linear rule takes bias (keep | zero, see BIAS_MODES). Unknown names
+    raise ValueError listing the known ones."""
+    bias = params.pop("bias", "keep")
+    return with_bias(_make_rule(name, **params), str(bias))
+
+
+def _make_rule(name: str, **params) -> LRPRule:
     key = name.lower().replace("_", "").replace(" ", "")
     key = {"epsilon0": "lrp0", "zb": "zbox", "box": "zbox", "alpha2beta1": "alpha2beta1"}.get(key, key)
     if key == "zbox":

@@ -16,12 +16,16 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .._graph import (GraphPassError, TensorInfo, attrs, checked, clone, infer, initializers, opset_of, producers,
-                      summarize_nodes, tensor_infos)
+                      store_of, summarize_nodes, tensor_array, tensor_infos)
 
 # Ops whose outputs never carry gradient (shape arithmetic, comparisons, index outputs).
 NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "GreaterOrEqual",
                       "LessOrEqual", "Not", "And", "Or", "Xor", "NonZero", "ConstantOfShape", "Range", "OneHot",
                       "Constant", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike"}
+
+
+# Constants at least this large go to the model's weight store (when it has one) instead of into the graph.
+LARGE_CONSTANT = 1 << 14
 
 
 def grad_name(tensor: str) -> str:
@@ -43,6 +47,7 @@ class VJPBuilder:
         self.prefix = prefix
         self.infos: dict[str, TensorInfo] = tensor_infos(model)
         self.inits = initializers(model.graph)
+        self.store = store_of(model)
         for node in model.graph.node:  # Constant nodes hold constants too (unfolded graphs, hand-built tests)
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             if node.op_type == "Constant" and value is not None:
@@ -67,6 +72,15 @@ class VJPBuilder:
 
     def const(self, value, dtype=np.float32) -> str:
         arr = np.asarray(value, dtype=dtype)
+        if arr.size >= LARGE_CONSTANT and self.store is not None:
+            # a derived weight (LRP's modified weights, transposes): kept once in the model's weight store
+            name = f"{self.prefix}const_{len(self._consts)}"
+            placeholder = self.store.shared(name, arr)
+            key = ("store", placeholder.external_data[0].value)
+            if key not in self._consts:
+                self.new_inits.append(placeholder)
+                self._consts[key] = name
+            return self._consts[key]
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
             name = f"{self.prefix}const_{len(self._consts)}"
@@ -75,7 +89,7 @@ class VJPBuilder:
         return self._consts[key]
 
     def value(self, name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
+        return tensor_array(self.inits[name]) if name in self.inits else None
 
     def shape(self, name: str) -> tuple | None:
         info = self.infos.get(name)

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from onnx import numpy_helper
 
 from graph_passes import grad_name
-from graph_passes._graph import ancestors, attrs, initializers, tensor_infos
+from graph_passes._graph import ancestors, attrs, initializers, tensor_array, tensor_infos
 
 from ..errors import SaliencyError
 from ..explainer import Explainer
@@ -113,7 +112,7 @@ def layer_nodes(model) -> list[LayerNode]:
 def _weights(node, inits):
     if node.op_type not in LINEAR or len(node.input) < 2 or node.input[1] not in inits:
         return None, None
-    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    w = tensor_array(inits[node.input[1]]).astype(np.float64)
     a = attrs(node)
     if node.op_type == "Conv":
         units = w.shape[0]
@@ -127,7 +126,7 @@ def _weights(node, inits):
     bias = np.zeros(units)
     if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
         scale = a.get("beta", 1.0) if node.op_type == "Gemm" else 1.0
-        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(-1) * scale
+        b = tensor_array(inits[node.input[2]]).astype(np.float64).reshape(-1) * scale
         if b.size in (1, units):
             bias = np.broadcast_to(b, (units,)).copy()
     return w, bias

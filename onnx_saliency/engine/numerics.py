@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from graph_passes._graph import ort_model, tensor_array
+
 from ..errors import NumericalError
 from ..ort_logging import session_severity
 from .providers import import_onnxruntime
@@ -27,18 +29,19 @@ def first_nonfinite_node(graph: onnx.ModelProto, feeds: dict[str, np.ndarray], p
     opts = ort.SessionOptions()
     opts.log_severity_level = session_severity()
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=providers)
+        data, _ = ort_model(m, opts)
+        sess = ort.InferenceSession(data, opts, providers=providers)
         names = [o.name for o in sess.get_outputs()]
         values = dict(zip(names, sess.run(names, feeds)))
     except Exception:  # the trace is a diagnosis: without it the caller still reports the output
         return None
-    weights = {t.name: t for t in m.graph.initializer}
+    weights = {t.name: t for t in graph.graph.initializer}  # m's now point at files onnxruntime maps
     for node in m.graph.node:
         for out in node.output:
             v = values.get(out)
             if isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all():
                 bad = [i for i in node.input if i in weights
-                       and not np.isfinite(onnx.numpy_helper.to_array(weights[i])).all()]
+                       and not np.isfinite(tensor_array(weights[i])).all()]
                 reads = f", which reads weight {bad[0]!r} holding NaN/Inf" if bad else ""
                 return f"at node {node.name or '(unnamed)'!r} ({node.op_type}), output {out!r}{reads}"
     return None

@@ -18,6 +18,7 @@ it, by re-running the failing image with every intermediate tensor exposed.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 import threading
 from collections.abc import Callable, Iterable
 
@@ -25,6 +26,7 @@ import numpy as np
 import onnx
 
 import graph_passes as gp
+from graph_passes._graph import has_derived, materialize, ort_model, placeholder_keys
 
 from ..errors import SaliencyError, UnsupportedModelError
 from ..intake.model import LoadedModel, release_freed_memory
@@ -55,7 +57,10 @@ class Engine:
         self.provider = provider
         self._providers = providers_for(provider)
         self.threads = threads
-        self._sessions: dict[tuple, tuple] = {}
+        self._sessions: OrderedDict[tuple, tuple] = OrderedDict()  # least recently used first
+        self.session_bytes: dict[tuple, int] = {}  # estimated memory of each cached session (see session())
+        self.evictions = 0
+        self._weight_keys: dict[tuple, set] = {}  # placeholder keys each cached session's graph uses
         self._lock = threading.Lock()
         self.calls = 0  # session.run calls, for batching checks
         self.memory_budget = DEFAULT_MEMORY_BUDGET
@@ -70,40 +75,79 @@ class Engine:
     def session(self, key: tuple, build: Callable[[onnx.ModelProto], onnx.ModelProto]):
         """The cached (session, output names, rebuild) for the graph `build(canonical)` identified by `key`.
 
-        The rewritten graph is not kept: onnxruntime holds its own copy of the weights, and the proto (the
-        model's weights two or three times over for LRP) would double the resident memory. `rebuild()` makes it
-        again where a diagnosis needs it (the NaN locator)."""
+        The rewritten graph is not kept: its large weights are placeholders for the model's weight store,
+        handed to onnxruntime as shared OrtValues (never copied or serialised), and the rest is rebuilt by
+        `rebuild()` where a diagnosis needs it (the NaN locator). Sessions are kept least-recently-used first
+        within `memory_budget` (see session_bytes): many methods on one Explainer never hold more."""
         with self._lock:
-            if key not in self._sessions:
-                ort = import_onnxruntime()
-                source = self.graph_source
-                data = source.load(key) if source is not None else None
-                if data is None:
-                    data = build(self.model.canonical).SerializeToString()
-                    if source is not None:
-                        source.save(key, data)
-                opts = ort.SessionOptions()
-                if self.threads:
-                    opts.intra_op_num_threads = self.threads
-                    opts.inter_op_num_threads = 1
-                opts.log_severity_level = session_severity()
-                try:
-                    sess = ort.InferenceSession(data, opts, providers=self._providers)
-                except Exception as err:  # onnxruntime's Fail, InvalidGraph, NotImplemented...: one line
-                    raise UnsupportedModelError(f"{self.model.path.name}: onnxruntime cannot load "
-                                                f"{'the model' if key == PLAIN_KEY else f'its {key[0]} graph'} "
-                                                f"({ort_message(err)})") from None
-                del data
-                release_freed_memory()
-                rebuild = functools.partial(build, self.model.canonical)
-                self._sessions[key] = (sess, [o.name for o in sess.get_outputs()], rebuild)
+            if key in self._sessions:
+                self._sessions.move_to_end(key)
+                return self._sessions[key]
+            ort = import_onnxruntime()
+            source = self.graph_source
+            data = source.load(key) if source is not None else None
+            if data is None:
+                proto = build(self.model.canonical)
+                data = proto.SerializeToString()
+                if source is not None:
+                    # what leaves this engine holds its derived weights itself; the model's own stay placeholders
+                    source.save(key, data if not has_derived(proto) else
+                                materialize(proto, keep=self._own_weight).SerializeToString())
+            else:
+                proto = onnx.load_from_string(data)
+            keys = placeholder_keys(proto)
+            opts = ort.SessionOptions()
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+            opts.log_severity_level = session_severity()
+            data, shared = ort_model(proto, opts, self.model.weights)
+            # what the session holds: the graph's inline bytes, and about one copy of the model's weights
+            # (onnxruntime pre-packs or copies Conv/Gemm weights per session)
+            cost = len(data) + shared
+            del proto
+            self._evict_for(cost)
+            try:
+                sess = ort.InferenceSession(data, opts, providers=self._providers)
+            except Exception as err:  # onnxruntime's Fail, InvalidGraph, NotImplemented...: one line
+                raise UnsupportedModelError(f"{self.model.path.name}: onnxruntime cannot load "
+                                            f"{'the model' if key == PLAIN_KEY else f'its {key[0]} graph'} "
+                                            f"({ort_message(err)})") from None
+            del data
+            release_freed_memory()
+            rebuild = functools.partial(build, self.model.canonical)
+            self._sessions[key] = (sess, [o.name for o in sess.get_outputs()], rebuild)
+            self.session_bytes[key] = cost
+            self._weight_keys[key] = keys
             return self._sessions[key]
+
+    def _own_weight(self, key: str) -> bool:
+        return self.model.weights is not None and key in self.model.weights.arrays and not key.startswith("derived/")
+
+    def _evict_for(self, cost: int) -> None:
+        """Drop least recently used sessions until `cost` more bytes fit the memory budget (or none is left)."""
+        while self._sessions and sum(self.session_bytes.values()) + cost > self.memory_budget:
+            old, _ = self._sessions.popitem(last=False)
+            self.session_bytes.pop(old, None)
+            self._forget_weights(old)
+            self.evictions += 1
+        release_freed_memory()
+
+    def _forget_weights(self, key) -> None:
+        """Derived weights only the dropped session `key` used leave the store with it."""
+        keys = self._weight_keys.pop(key, set())
+        if self.model.weights is not None:
+            kept = placeholder_keys(self.model.canonical).union(*self._weight_keys.values())
+            self.model.weights.drop(keys - kept)
 
     def drop_sessions(self) -> None:
         """Forget every cached session, and with it onnxruntime's copy of the weights and its arenas; the next
         call rebuilds what it needs. For long runs over many methods of a large model (benchmarks/coverage.py)."""
         with self._lock:
-            self._sessions.clear()
+            for key in list(self._sessions):
+                self._sessions.pop(key)
+                self.session_bytes.pop(key, None)
+                self._forget_weights(key)
         release_freed_memory()
 
     def active_provider(self) -> str:

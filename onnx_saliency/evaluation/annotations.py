@@ -30,7 +30,6 @@ An image's boxes are mapped through the same resize and centre crop as the pixel
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 
 from ..errors import SaliencyError
 from ..intake.preprocess import Preprocessing, load_image
+from ..intake.side_files import read_json
 
 __all__ = ["AnnotatedObject", "ImageAnnotation", "InputRegions", "load_annotations", "resize_crop_geometry",
            "map_boxes"]
@@ -59,6 +59,17 @@ class ImageAnnotation:
     objects: list[AnnotatedObject]
     file_size_wh: tuple[int, int] | None = None
     source: Path | None = None
+
+    def check_inside(self, image_hw: tuple[int, int]) -> None:
+        """Refuse a box that lies wholly outside the image file (it would be scored as a miss, silently);
+        boxes partly outside are clipped, as datasets' boxes often are by a pixel."""
+        h, w = image_hw
+        for k, o in enumerate(self.objects):
+            if o.box is not None:
+                x0, y0, x1, y1 = o.box
+                if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+                    raise SaliencyError(f"{self.source}: images[{self.name!r}]: box {k} {list(o.box)} lies outside "
+                                        f"the {w}x{h} image")
 
     @property
     def classes(self) -> list[int]:
@@ -174,14 +185,7 @@ def _mapped_mask(path: Path, image_hw, g: Geometry, ann: ImageAnnotation) -> np.
 def load_annotations(path) -> dict[str, ImageAnnotation]:
     """``{file name: ImageAnnotation}`` from an annotations JSON file (format in the module docstring)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SaliencyError(f"--annotations {path}: no such file") from None
-    except OSError as err:
-        raise SaliencyError(f"--annotations {path}: cannot read ({err.strerror or err})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SaliencyError(f"{path}: invalid JSON ({getattr(err, 'msg', err)})") from None
+    data = read_json(path, "--annotations")
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, dict):
         raise SaliencyError(f"{path}: expected an object with key 'images' mapping file names to annotations")

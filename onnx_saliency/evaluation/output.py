@@ -99,7 +99,7 @@ def _json(evaluation: Evaluation) -> dict:
         "preprocessing": evaluation.preprocessing, "assumptions": evaluation.assumptions,
         "notes": settings_lines(evaluation),
         "summary": summary(evaluation), "per_image": evaluation.rows, "curves": curves, "sanity": sanity,
-        "failed": evaluation.failed, "versions": versions(),
+        "failed": evaluation.failed, "skipped": evaluation.skipped, "versions": versions(),
     })
 
 

@@ -84,6 +84,7 @@ class Evaluation:
     sanity_display: np.ndarray | None = None           # display image of the first sanity image
     failed: dict = field(default_factory=dict)         # method -> "image: reason"; left out of everything
     assumptions: list = field(default_factory=list)    # what the explainer assumed (Explainer.assumptions)
+    skipped: dict = field(default_factory=dict)        # image name -> why it was left out (unreadable, bad boxes)
 
     @property
     def columns(self) -> list[str]:
@@ -105,6 +106,10 @@ def _targets(explainer, spec, pictures_n: int, annotated: list[ImageAnnotation |
         for ann, name in zip(annotated, names):
             if ann is None or not ann.classes:
                 raise SaliencyError(f"--target gt: image {name} has no annotated class")
+            n = explainer.model.num_classes
+            if not 0 <= ann.classes[0] < n:
+                raise SaliencyError(f"{ann.source}: images[{name!r}]: annotated class {ann.classes[0]} is beyond "
+                                    f"the model's {n} classes (0..{n - 1})")
             out.append(ann.classes[0])
         return np.array(out, np.int64)
     return explainer.targets(spec, pictures_n)
@@ -131,7 +136,24 @@ def evaluate(explainer, images: list[Path], methods: list[str], metrics: list[st
     method_objs = [get_method(m) for m in methods]
     layer_names = [explainer.resolve_layer(spec) for spec in s.layers]
     annotated = [find(annotations, p, annotations_source) if annotations is not None else None for p in images]
-    pictures = [load_image(p) for p in images]
+    kept, pictures, skipped = [], [], {}
+    for p, ann in zip(images, annotated):  # one unreadable image, or one whose boxes miss it, is skipped
+        try:
+            picture = load_image(p)
+            if ann is not None:
+                ann.check_inside(picture.shape[:2])
+            explainer.prepare([picture])  # sizes the model refuses fail here, per image
+        except SaliencyError as err:
+            line = str(err) if str(err).startswith(str(p)) else f"{p}: {err}"
+            skipped[p.name] = line
+            if on_failure is not None:
+                on_failure(line)
+            continue
+        kept.append((p, ann))
+        pictures.append(picture)
+    if not kept:
+        raise SaliencyError(f"none of the {len(images)} image(s) could be evaluated ({next(iter(skipped.values()))})")
+    images, annotated = [p for p, _ in kept], [a for _, a in kept]
     targets_all = _targets(explainer, s.target, len(images), annotated, [p.name for p in images])
     pre = explainer.preprocessing
     rows: list[dict] = []
@@ -164,7 +186,8 @@ def evaluate(explainer, images: list[Path], methods: list[str], metrics: list[st
     method_objs = [m for m in method_objs if m.name not in failed]
     evaluation = Evaluation(str(explainer.model.path), explainer.model.sha256, [p.name for p in images],
                             [m.name for m in method_objs], list(metrics), s, dataclasses.asdict(pre), rows,
-                            failed=failed, assumptions=list(getattr(explainer, "assumptions", [])))
+                            failed=failed, assumptions=list(getattr(explainer, "assumptions", [])),
+                            skipped=skipped)
     evaluation.curves = {name: {kind: _join(parts) for kind, parts in kinds.items()}
                          for name, kinds in curve_parts.items() if kinds}
     _run_sanity(evaluation, explainer, method_objs, layer_names, sanity_inputs, pictures, progress, on_failure)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import SaliencyError
+from .side_files import parse_json, read_text
 
 
 def load_labels(source) -> list[str]:
@@ -13,15 +13,9 @@ def load_labels(source) -> list[str]:
     if isinstance(source, (list, tuple)):
         return [str(s) for s in source]
     path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise SaliencyError(f"--labels {path}: cannot read ({err.strerror})") from err
+    text = read_text(path, "--labels")
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SaliencyError(f"--labels {path}: invalid JSON ({err.msg} at line {err.lineno})") from err
+        data = parse_json(text, path, "--labels")
         if isinstance(data, list):
             return [str(s) for s in data]
         if isinstance(data, dict):

@@ -14,7 +14,8 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 import graph_passes as gp
-from graph_passes._graph import graph_inputs, producers, skeleton, tensor_infos
+from graph_passes._graph import (STORE_MIN_ELEMENTS, WeightStore, externalize, graph_inputs, is_file_backed, producers,
+                                 skeleton, tensor_array, tensor_infos)
 from graph_passes.precision import HALF
 
 from ..errors import SaliencyError, UnsupportedModelError
@@ -44,6 +45,8 @@ class LoadedModel:
     batch: int | None = None   # the image input's static batch (plain torch exports: 1); None where dynamic
     module_cache: dict | None = field(default=None, repr=False, compare=False)  # layers.module_paths
     notes: list = field(default_factory=list)  # what loading changed that changes the answer (said, recorded)
+    # the large weights of `canonical` and `original`, each held once (graph_passes._graph.WeightStore)
+    weights: WeightStore | None = field(default=None, repr=False, compare=False)
 
     def label(self, index: int) -> str:
         if self.labels and 0 <= index < len(self.labels):
@@ -201,40 +204,57 @@ def _load_checked_external_data(model: onnx.ModelProto, folder: Path) -> None:
         tensor.data_location = onnx.TensorProto.DEFAULT
 
 
-def _check_weights(model: onnx.ModelProto, path: Path) -> None:
+def _check_weights(model: onnx.ModelProto, path: Path, below: int | None = None, skip_mapped: bool = False) -> None:
     """Every weight's data must fill its declared shape (the checker does not look); NaN weights poison every
-    map and are refused, Inf is allowed (exporters pad max-pools with -inf)."""
+    map and are refused, Inf is allowed (exporters pad max-pools with -inf). `below`: only tensors with fewer
+    elements (the larger ones are checked as they move into the weight store, without a second copy)."""
     for tensor in external_data_helper._get_all_tensors(model):
+        if below is not None and int(np.prod(tensor.dims, dtype=np.int64)) >= below:
+            continue
+        if skip_mapped and is_file_backed(tensor):  # read_model checked it from the file
+            continue
         try:
-            values = numpy_helper.to_array(tensor)
+            values = tensor_array(tensor)
         except Exception as err:  # ValueError from reshape, TypeError/KeyError for unknown data types...
             raise SaliencyError(f"{path}: weight {tensor.name!r} does not hold data of its declared shape "
                                 f"{list(tensor.dims)} and type ({type(err).__name__}: {err})") from None
-        if values.dtype.kind == "f" and np.isnan(values).any():
+        if values.dtype.kind == "f" and not np.isfinite(values.sum(dtype=np.float64)) and np.isnan(values).any():
             raise SaliencyError(f"{path}: weight {tensor.name!r} contains NaN ({int(np.isnan(values).sum())} of "
                                 f"{values.size} values)")
 
 
 def _non_utf8_string(message) -> str | None:
-    """The first string field whose bytes are not UTF-8 (protobuf then hands out bytes, not str), as text."""
+    """The first string field whose bytes are not UTF-8 (protobuf then hands out bytes, not str), as text.
+    Bytes fields (weights' raw data) are never read: reading one copies it."""
     from google.protobuf.descriptor import FieldDescriptor as F
 
-    for field_desc, value in message.ListFields():
+    for field_desc in message.DESCRIPTOR.fields:
+        if field_desc.type not in (F.TYPE_MESSAGE, F.TYPE_STRING):
+            continue
         repeated = field_desc.is_repeated if hasattr(field_desc, "is_repeated") else field_desc.label == 3
+        if repeated:
+            values = getattr(message, field_desc.name)
+        elif field_desc.type == F.TYPE_MESSAGE:
+            values = [getattr(message, field_desc.name)] if message.HasField(field_desc.name) else []
+        else:
+            values = [getattr(message, field_desc.name)]
         if field_desc.type == F.TYPE_MESSAGE:
-            for item in value if repeated else [value]:
+            for item in values:
                 found = _non_utf8_string(item)
                 if found:
                     return found
-        elif field_desc.type == F.TYPE_STRING:
-            bad = next((v for v in (value if repeated else [value]) if isinstance(v, bytes)), None)
+        else:
+            bad = next((v for v in values if isinstance(v, bytes)), None)
             if bad is not None:
                 return f"{message.DESCRIPTOR.name}.{field_desc.name} {bad[:40]!r}"
     return None
 
 
-def read_model(path) -> onnx.ModelProto:
-    """Parse and check an ONNX file (never writing to it); external data is read from its folder only."""
+def read_model(path, check_weights: bool = True, weights: WeightStore | None = None) -> onnx.ModelProto:
+    """Parse and check an ONNX file (never writing to it); external data is read from its folder only.
+    check_weights=False leaves the weights' values to the caller (load_model checks them in its store).
+    weights: a store that keeps the file's large weights as memory maps of the file, never read into the
+    protobuf (the model returned holds placeholders for them)."""
     path = Path(path)
     if not path.is_file():
         raise SaliencyError(f"{path}: no such model file")
@@ -251,8 +271,17 @@ def read_model(path) -> onnx.ModelProto:
     if size > MAX_MODEL_BYTES:
         raise SaliencyError(f"{path}: {size} bytes, over protobuf's 2 GiB limit; models this large must keep "
                             "their weights as external data")
+    found: dict = {}
+    model = None
+    if weights is not None:  # the structure alone; large weights stay in the file (see intake.wire)
+        from .wire import WireError, read_structure
+
+        try:
+            model, found = read_structure(path, STORE_MIN_ELEMENTS)
+        except (WireError, OSError, ValueError, Exception):  # noqa: B014 - anything: the ordinary parse decides
+            model, found = None, {}
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = model if model is not None else onnx.load(str(path), load_external_data=False)
     except OSError as err:
         raise SaliencyError(f"{path}: cannot read ({err.strerror or err})") from None
     except Exception as err:  # protobuf's DecodeError and friends, whatever the runtime raises
@@ -282,8 +311,33 @@ def read_model(path) -> onnx.ModelProto:
         onnx.checker.check_model(skeleton(model))
     except Exception as err:
         raise SaliencyError(f"{path}: invalid ONNX model: {str(err) or type(err).__name__}") from err  # one line
-    _check_weights(model, path)
+    for index, (offset, length) in found.items():
+        t = model.graph.initializer[index]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        _check_file_values(path, t.name, offset, length, dtype)
+        model.graph.initializer[index].CopyFrom(weights.put_file(t.name, path, offset, dtype, t.dims, t.name))
+    if check_weights:
+        _check_weights(model, path)
     return model
+
+
+def _check_file_values(path: Path, name: str, offset: int, length: int, dtype) -> None:
+    """Refuse NaN in a weight read from the file in chunks (through the page cache, not a mapping of ours)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        return
+    chunk = (64 << 20) // dtype.itemsize * dtype.itemsize
+    bad = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left > 0:
+            values = np.frombuffer(f.read(min(chunk, left)), dtype)
+            left -= values.nbytes
+            if not np.isfinite(values.sum(dtype=np.float64)):
+                bad += int(np.isnan(values).sum())
+    if bad:
+        raise SaliencyError(f"{path}: weight {name!r} contains NaN ({bad} of {length // dtype.itemsize} values)")
 
 
 def _find_image_input(model: onnx.ModelProto, path: Path):
@@ -340,7 +394,19 @@ def release_freed_memory() -> None:
 def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     """fuse_affine: also fold bias Adds, MatMul heads and per-channel scale/shift into their layers (audits)."""
     path = Path(path)
-    original = read_model(path)
+    # from here on every large weight is held once, in `weights`; the graphs hold placeholders for them, so
+    # canonicalisation and every rewrite after it copy and serialise structure only
+    weights = WeightStore()
+    model = read_model(path, check_weights=False, weights=weights)
+    _check_weights(model, path, below=STORE_MIN_ELEMENTS)
+    try:
+        original = externalize(model, weights, STORE_MIN_ELEMENTS)
+    except Exception:
+        _check_weights(model, path)  # the weight whose data does not fill its shape, named as read_model does
+        raise
+    del model
+    _check_weights(original, path, skip_mapped=True)  # the stored ones, in place (file-mapped ones: checked)
+    release_freed_memory()
     image = _find_image_input(original, path)
     dims = image.type.tensor_type.shape.dim
     quiet_onnxruntime()  # constant folding runs onnxruntime sessions of onnx-graphsurgeon's
@@ -349,6 +415,8 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
         canonical, report = gp.canonicalize(inference, fuse_affine=fuse_affine, return_report=True)
     except gp.GraphPassError as err:
         raise SaliencyError(f"{path}: {err}") from err
+    canonical = externalize(canonical, weights)  # weights canonicalize computed (folded BatchNorms, constants)
+    weights.pin(canonical)
     release_freed_memory()
     output_name, score, classes = _score_tensor(canonical, path)
     missing = unsupported_nodes(canonical, score, image.name)
@@ -366,7 +434,7 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
                        input_name=image.name, layout=layout, input_hw=(static[2], static[3]),
                        channels=static[1] or 3, output_name=output_name, score_tensor=score, num_classes=classes,
                        metadata=metadata, labels=labels_from_metadata(metadata), batch=static[0] or None,
-                       notes=notes)
+                       notes=notes, weights=weights)
 
 
 def inference_mode_batchnorm(model: onnx.ModelProto, path: Path) -> tuple[onnx.ModelProto, list[str]]:

@@ -11,12 +11,17 @@ alpha-beta keep the positive (negative) bias in the positive (negative) denomina
 box rule's bias cancels; gamma masks by the sign of the forward output. Initial relevance: "logit" = one-hot x
 logit (zennit's usual `attr_output = onehot * output`), "one" = one-hot, "contrastive" = 1 at the target and
 -1/C elsewhere (Relevance-CAM's CLRP, methods-spec section 2), "sglrp" = y_c (onehot - y) with y = softmax.
+
+Bias handling is a parameter of every composite (`bias`, graph_passes.lrp.BIAS_MODES): "keep" (the rules as
+zennit defines them; the named composites, checked against zennit) or "zero" (zennit's zero_params=["bias"] on
+every linear layer; the `-nobias` composites). With BatchNorm folded, a layer's bias holds the BN shift, and on
+trained networks such biases absorb most of the relevance: docs/lrp-bias.md has the numbers behind the default.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -105,6 +110,14 @@ class Composite:
     def with_entries(self, entries, name: str | None = None) -> "Composite":
         return Composite(name or self.name, tuple(entries) + self.entries, self.base_overrides, self.stabilizer)
 
+    def with_bias(self, bias: str) -> "Composite":
+        """Every linear rule of this composite with bias handling `bias` ("keep" returns it unchanged);
+        "zero" names it `<name>-nobias`."""
+        if bias == "keep":
+            return self
+        entries = tuple((m, R.with_bias(r, bias)) for m, r in self.entries)
+        return replace(self, name=f"{self.name}-nobias", entries=entries)
+
 
 CONV, DENSE, ANY_LINEAR = Match(op=("conv",)), Match(op=("dense",)), Match(op=("linear",))
 FIRST = Match(op=("linear",), first=True)
@@ -185,8 +198,16 @@ COMPOSITES = {
 }
 
 
+NO_BIAS = "-nobias"
+# What `-m lrp` and `export-explainer --method lrp` use without --composite: the numbers that chose it are in
+# docs/lrp-bias.md (on EfficientNet-Lite0 it keeps ~100x more of the logit at the input than epsilon-plus-flat,
+# whose folded BatchNorm shifts absorb all but ~6e-4 of it, at about the same deletion/insertion scores).
+DEFAULT_COMPOSITE = "epsilon-plus-flat-nobias"
+
+
 def composite_names() -> list[str]:
-    return sorted(COMPOSITES)
+    """The built-in composites and their bias-free (`-nobias`) variants."""
+    return sorted(list(COMPOSITES) + [n + NO_BIAS for n in COMPOSITES if n != "excitation-backprop"])
 
 
 def get_composite(name, low=None, high=None, **params) -> Composite:
@@ -194,12 +215,15 @@ def get_composite(name, low=None, high=None, **params) -> Composite:
     if isinstance(name, Composite):
         return name
     key = str(name).lower().replace("_", "-")
+    bias = params.pop("bias", "keep")
+    if key.endswith(NO_BIAS) and key != "excitation-backprop" + NO_BIAS:
+        key, bias = key[:-len(NO_BIAS)], "zero"
     if key not in COMPOSITES:
         raise SaliencyError(f"--composite {name!r}: unknown; known: {', '.join(composite_names())}")
     if key == "epsilon-gamma-box":
         if low is None or high is None:
             raise SaliencyError("--composite epsilon-gamma-box needs the input bounds (low, high)")
-        return epsilon_gamma_box(low, high, **params)
-    return COMPOSITES[key](**params)
+        return epsilon_gamma_box(low, high, **params).with_bias(bias)
+    return COMPOSITES[key](**params).with_bias(bias)
 
 

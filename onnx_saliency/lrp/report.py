@@ -76,7 +76,8 @@ def conservation_table(engine, x: np.ndarray, targets=None, composite="epsilon-p
     """Per node on the path: sum of relevance arriving (out) and leaving towards its inputs (in), per image.
 
     Debug path: every node's relevance is an extra graph output (slower, more memory). Rows:
-    {"node", "op", "rule", "out": (N,), "in": (N,)}; a ratio in/out < 1 shows absorption (bias, epsilon).
+    {"node", "op", "rule", "out": (N,), "in": (N,), "sink"}; a ratio in/out < 1 shows absorption, and "sink" names
+    what absorbs there (see :func:`sink`).
     """
     model = engine.model
     comp = composite if isinstance(composite, Composite) else resolve_composite(engine, composite, rule_map,
@@ -104,15 +105,28 @@ def conservation_table(engine, x: np.ndarray, targets=None, composite="epsilon-p
         def total(ts):
             return sum((res[t].reshape(len(x), -1).sum(1).astype(np.float64) for t in ts), np.zeros(len(x)))
         rows.append({"node": name, "op": nodes[name].op_type, "rule": rules[name].describe(),
-                     "out": total(outs), "in": total(ins)})
+                     "out": total(outs), "in": total(ins), "sink": sink(rules[name])})
     rows.reverse()  # graph order (input first)
     return rows
 
 
+def sink(rule) -> str:
+    """What can keep relevance from the node's inputs under `rule`: a linear rule's bias (bias handling "keep",
+    graph_passes.lrp.BIAS_MODES) and stabiliser, or only the stabiliser; proportional splits lose only to theirs."""
+    if rule.kind == "linear":
+        if rule.bias == "zero":
+            return "stabiliser (bias zeroed)"
+        if rule.name == "zbox" or all(t.bias == "zero" for g in rule.groups for t in g.terms):
+            return "stabiliser (no bias in the rule)"  # flat; z^B, whose bias terms cancel
+        return "bias + stabiliser"
+    return "stabiliser" if rule.kind in ("norm", "proportional") else "-"
+
+
 def format_conservation(rows: list[dict], image: int = 0) -> list[str]:
-    lines = ["node\top\trule\tsum R out\tsum R in\tin/out"]
+    lines = ["node\top\trule\tsum R out\tsum R in\tin/out\tabsorbed\tby"]
     for r in rows:
         o, i = r["out"][image], r["in"][image]
         ratio = i / o if o else float("nan")
-        lines.append(f"{r['node']}\t{r['op']}\t{r['rule']}\t{o:.6g}\t{i:.6g}\t{ratio:.6f}")
+        lines.append(f"{r['node']}\t{r['op']}\t{r['rule']}\t{o:.6g}\t{i:.6g}\t{ratio:.6f}\t{o - i:.6g}\t"
+                     f"{r.get('sink', '-')}")
     return lines

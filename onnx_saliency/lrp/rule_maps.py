@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -20,22 +19,23 @@ def load_rule_map(path, low=None, high=None) -> Composite:
                {"op": "MaxPool", "rule": "proportional"}],
      "default": "epsilon"}                        # optional rule for linear layers nothing else matched
     """
+    from ..intake.side_files import parse_json, read_text
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise SaliencyError(f"--rule-map {path}: cannot read ({err.strerror})") from err
+    text = read_text(path, "--rule-map")
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as err:
             raise SaliencyError(f"--rule-map {path}: YAML needs PyYAML; use a .json rule map") from err
-        data = yaml.safe_load(text)
-    else:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SaliencyError(f"--rule-map {path}: invalid JSON ({err.msg} at line {err.lineno})") from err
+            data = yaml.safe_load(text)
+        except RecursionError:
+            raise SaliencyError(f"--rule-map {path}: YAML nested too deeply") from None
+        except yaml.YAMLError as err:
+            raise SaliencyError(f"--rule-map {path}: invalid YAML ({' '.join(str(err).split())})") from None
+    else:
+        data = parse_json(text, path, "--rule-map")
     return parse_rule_map(data, low, high, where=f"--rule-map {path}")
 
 
@@ -81,7 +81,8 @@ def parse_rule_map(data, low=None, high=None, where="rule map") -> Composite:
 
 def resolve_composite(engine, composite=None, rule_map=None, low=None, high=None) -> Composite:
     """Composite from a name / object / rule-map file, with z^B bounds from the model's preprocessing."""
-    needs_bounds = rule_map is not None or str(composite).lower().replace("_", "-") == "epsilon-gamma-box"
+    needs_bounds = rule_map is not None or str(composite).lower().replace("_", "-") in (
+        "epsilon-gamma-box", "epsilon-gamma-box-nobias")
     if needs_bounds and (low is None or high is None):
         from ..intake.preprocess import input_bounds
 

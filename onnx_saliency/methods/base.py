@@ -30,15 +30,16 @@ class Request:
         return int(self.x.shape[2]), int(self.x.shape[3])
 
     def option(self, name, default=_UNSET):
-        """The option's value: as given (parsed to its declared type), else the declared default, else
-        `default` (for a name the method does not declare)."""
+        """The option's value: as given (parsed to its declared type), else `default` where the call site
+        passes one (a default that depends on other options, such as reference=true), else the declared
+        default."""
         value = self.options.get(name)
         opt = self.declared.get(name)
         if value is not None:
             return opt.parse(value, "this method") if opt is not None else value
-        if opt is not None and (opt.default is not None or default is _UNSET):
-            return opt.default
-        return None if default is _UNSET else default
+        if default is not _UNSET:
+            return default
+        return opt.default if opt is not None else None
 
 
 @dataclass

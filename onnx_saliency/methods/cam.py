@@ -7,10 +7,9 @@ the layers' mean (one layer: that map) is min-maxed again, as its aggregate_mult
 from __future__ import annotations
 
 import numpy as np
-from onnx import numpy_helper
 
 from graph_passes import grad_name
-from graph_passes._graph import attrs, consumers, initializers
+from graph_passes._graph import attrs, consumers, initializers, tensor_array
 
 from ..errors import SaliencyError
 from ..intake.layers import spatial_view
@@ -179,10 +178,10 @@ def linear_head_weights(model, layer: str) -> np.ndarray:
             continue
         break
     if node.op_type == "Gemm" and node.input[1] in inits:
-        w = numpy_helper.to_array(inits[node.input[1]])
+        w = tensor_array(inits[node.input[1]])
         return (w if attrs(node).get("transB", 0) else w.T) * attrs(node).get("alpha", 1.0)
     if node.op_type == "MatMul" and node.input[1] in inits:
-        return numpy_helper.to_array(inits[node.input[1]]).T
+        return tensor_array(inits[node.input[1]]).T
     raise path_error
 
 

@@ -235,6 +235,8 @@ class GradualExtrapolation(Method):
     (ge_normalise=minmax; the reference's clip at one standard deviation makes a plateau with no peak). With
     them Grad-CAM+GE keeps Grad-CAM's pointing game (10/10) and Pearson 0.94 with it, where the reference
     settings invert it on dark objects (Pearson 0.11, -0.60 on the dog photo; pointing game 5/10).
+    Against the authors' code (benchmarks/results_seed_parity.md) the default differs by design: Pearson
+    0.548 / 0.773 with v1 / v2 on VGG-16, about 0 on ResNet-50 with random signed BN; reference mode 1.000000.
 
     `reference=v1` (or true) reproduces szandala/gradual-extrapolation (the paper's code), `reference=v2` the
     2023 revision (upsample only): every MaxPool and strided Conv of the model (not AveragePool), each conv's
@@ -259,10 +261,16 @@ class GradualExtrapolation(Method):
                Option("ge_variant", "choice", "original", "original, or upsample (the 2023 revision)",
                       choices=VARIANTS),
                Option("ge_combine", "choice", "sum", "how an excitation's channels combine", choices=COMBINES),
-               Option("ge_input", "choice", "raw", "the shallowest excitation: raw, abs or skip",
-                      choices=INPUT_FACTORS),
+               Option("ge_input", "choice", DEFAULTS["ge_input"], "the shallowest excitation (auto, raw, abs or "
+                      "skip)", choices=INPUT_FACTORS),
                Option("ge_scope", "choice", "layer", "layer: nodes below the base layer; all: every "
-                      "down-sampling node", choices=SCOPES))
+                      "down-sampling node", choices=SCOPES),
+               Option("ge_excitation", "choice", DEFAULTS["ge_excitation"], "activation, or output (as the "
+                      "reference's hooks see it)", choices=EXCITATIONS),
+               Option("ge_normalise", "choice", DEFAULTS["ge_normalise"], "final normalisation",
+                      choices=NORMALISATIONS),
+               Option("reference", "choice", "false", "v1 / true: the paper's code; v2: the 2023 revision (fix "
+                      "the ge_* options as they do)", choices=REFERENCES))
 
     def declared_options(self, given=None):
         """Its own options and its base method's (`base` only where the base is chosen by option)."""

@@ -25,7 +25,8 @@ class GuidanceCAM(CAMMethod):
 
     name = "guidance-cam"
     options = (Option("variant", "choice", "global", "global: rectify the aggregation by the guidance map; "
-                      "per-channel: rectify each channel", choices=VARIANTS),)
+                      "per-channel: rectify each channel", choices=VARIANTS),
+               Option("reference", "bool", False, "refused: no reference code exists (methods-spec 5.2)"))
 
     def layer_map(self, A, G, req, out, layer):
         variant = self._variant(req)

@@ -19,14 +19,15 @@ GAMMA_COMPOSITES = ("attnlrp", "cp-lrp")
 
 class LRP(Method):
     """Bach et al. layer-wise relevance propagation: signed relevance at the input, with a rule per layer from a
-    composite (default epsilon-plus-flat; the list is in `onnx-saliency rules --help`) or a rule-map file.
+    composite (default epsilon-plus-flat-nobias, lrp.DEFAULT_COMPOSITE: zennit's EpsilonPlusFlat with
+    zero_params=["bias"], chosen in docs/lrp-bias.md; the list is in `onnx-saliency rules --help`) or a rule-map file.
 
     Options: composite, rule_map (JSON/YAML file), init (logit | one | contrastive | sglrp), low/high (z^B
     bounds; default from the model's preprocessing)."""
 
     name = "lrp"
     uses_layer = False
-    default_composite = "epsilon-plus-flat"
+    default_composite = L.DEFAULT_COMPOSITE
     default_init = "logit"
     options = (replace(COMPOSITE, default=default_composite), RULE_MAP,
                Option("init", "choice", default_init, "initial relevance", choices=LRP_INITS), LOW, HIGH,

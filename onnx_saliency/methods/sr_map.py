@@ -79,7 +79,9 @@ class SRMap(Method):
                       high=4096),
                Option("ca_grid", "int", 48, "patch centres per side (0: the reference's dense search)", low=0,
                       high=4096),
-               LOW, HIGH)
+               LOW, HIGH,
+               Option("reference", "bool", False, "reproduce the authors' notebooks (max-unpool relevance, uint8 "
+                      "heatmap, dense saliency search)"))
 
     def explain(self, req: Request) -> Result:
         refuse_transformer(req.engine.model, self.name, "its reference LRP (z+ dense, LRP-0 conv, winner-take-all "

@@ -79,13 +79,14 @@ def explain_images(explainer, images: Sequence[Path], methods: Sequence[str], ou
                    batch_size: int, options: dict, max_pixels: int = MAX_PIXELS, resume: bool = False,
                    on_failure: Callable[[str], None] = lambda line: None,
                    on_progress: Callable[[int], None] = lambda n: None, load: Callable | None = None,
-                   write: Callable = write_image_outputs) -> BatchOutcome:
+                   write: Callable = write_image_outputs, complete: Callable = outputs_complete) -> BatchOutcome:
     """Explain `images` with every method in `methods`, `batch_size` images at a time, into `out`.
 
     `on_progress(k)` is called with k (image, method) units as they are done. `load(image) -> uint8 RGB`
     replaces reading the file (default ``load_image`` with `max_pixels`) and `write` replaces
     :func:`write_image_outputs` (same arguments): the scale-out runner passes its own for sources that are
-    not local files and for Parquet shards, so both engines share this loop."""
+    not local files and for Parquet shards, so both engines share this loop. `complete` replaces
+    :func:`outputs_complete` (same arguments) as the --resume test, for a `write` that draws otherwise."""
     outcome = BatchOutcome()
     sha = explainer.model.sha256
     broken: dict[tuple, str] = {}  # (method, input shape) -> why it cannot run: not retried on later chunks
@@ -106,7 +107,7 @@ def explain_images(explainer, images: Sequence[Path], methods: Sequence[str], ou
 
     for start in range(0, len(images), batch_size):
         chunk = range(start, min(start + batch_size, len(images)))
-        todo = {m: [i for i in chunk if not (resume and outputs_complete(out, images[i], m, sha, settings(m, i)))]
+        todo = {m: [i for i in chunk if not (resume and complete(out, images[i], m, sha, settings(m, i)))]
                 for m in methods}
         needed = sorted({i for idx in todo.values() for i in idx})
         outcome.resumed += [images[i] for i in chunk if i not in needed]

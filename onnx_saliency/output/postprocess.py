@@ -6,6 +6,7 @@ Sizes are given as ``(H, W)`` throughout; the conversion to OpenCV's ``(W, H)`` 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import cv2
@@ -13,8 +14,9 @@ import numpy as np
 
 from ..errors import SaliencyError
 
-__all__ = ["minmax", "resize_maps", "scale_cam_image", "colorize", "colorize_signed", "overlay", "grid",
-           "COLORMAPS"]
+__all__ = ["minmax", "resize_maps", "scale_cam_image", "colorize", "colorize_signed", "diverging", "overlay",
+           "grid", "COLORMAPS", "MAP_KINDS", "map_kind", "ColourScale", "render", "with_colour_bar", "titled",
+           "upscale", "figure"]
 
 COLORMAPS = {
     "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "viridis": cv2.COLORMAP_VIRIDIS,
@@ -75,18 +77,22 @@ def colorize(map01: np.ndarray, colormap: str = "jet") -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(gray, COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
 
 
-def colorize_signed(signed_map: np.ndarray) -> np.ndarray:
-    """(H, W) map of any sign -> uint8 RGB, blue (negative) / white (0) / red (positive), like matplotlib's
-    "bwr", scaled by max |value| so that zero is always white."""
-    m = np.nan_to_num(np.asarray(signed_map, dtype=np.float64))
-    peak = np.abs(m).max() if m.size else 0.0
-    v = m / peak if peak > 0 else np.zeros_like(m)
-    # Linear blue -> white for v < 0, white -> red for v >= 0.
+def diverging(v: np.ndarray) -> np.ndarray:
+    """Values in [-1, 1] (clipped) -> uint8 RGB, linear blue (-1) / white (0) / red (+1), matplotlib's "bwr"."""
+    v = np.clip(np.nan_to_num(np.asarray(v, dtype=np.float64)), -1.0, 1.0)
     fade = 1.0 - np.abs(v)
     r = np.where(v < 0, fade, 1.0)
     g = fade
     b = np.where(v < 0, 1.0, fade)
     return np.rint(np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
+
+
+def colorize_signed(signed_map: np.ndarray) -> np.ndarray:
+    """(H, W) map of any sign -> uint8 RGB, blue (negative) / white (0) / red (positive), like matplotlib's
+    "bwr", scaled by max |value| so that zero is always white."""
+    m = np.nan_to_num(np.asarray(signed_map, dtype=np.float64))
+    peak = np.abs(m).max() if m.size else 0.0
+    return diverging(m / peak if peak > 0 else np.zeros_like(m))
 
 
 def overlay(image_rgb: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -141,3 +147,157 @@ def grid(images: Sequence[np.ndarray], titles: Sequence[str], cols: int | None =
                     (0, 0, 0), 1, cv2.LINE_AA)
         canvas[y + _TITLE_H:y + _TITLE_H + im.shape[0], x:x + im.shape[1]] = im
     return canvas
+
+
+# --- Rendering by map kind -------------------------------------------------------------------------------
+#
+# What a map is decides how it is drawn:
+#   cam     coarse, non-negative layer maps (Grad-CAM family, Relevance-CAM, +ge): min-max, jet, washed over
+#           the photo as pytorch-grad-cam's show_cam_on_image.
+#   signed  pixel maps with a sign (LRP, gradient x input, TSGB, IG): a heatmap of its own, symmetric diverging
+#           (red +, blue -, white 0), clipped at a percentile of |R| as zennit/captum users expect; a faint
+#           pixel-level map washed over a photo is invisible, so blending is opt-in, and then onto a grey copy.
+#   pixel   unsigned pixel maps (gradient, SmoothGrad, guided backprop): sequential (inferno) from 0 to a
+#           percentile of the map, clipped there, so a few extreme pixels do not leave the rest black.
+
+MAP_KINDS = ("cam", "signed", "pixel")
+DEFAULT_CLIP_PERCENTILE = 99.5
+
+
+def map_kind(signed: bool, pixel: bool) -> str:
+    """The drawing kind of a map: signed maps diverge; unsigned pixel maps are sequential; the rest are CAMs."""
+    return "signed" if signed else ("pixel" if pixel else "cam")
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """What a colour means: `ramp` (256, 3) uint8 from `lo` (index 0) to `hi` (index 255); `caption` says the
+    convention (sign, clipping) in words."""
+
+    ramp: np.ndarray
+    lo: float
+    hi: float
+    caption: str
+
+    def as_dict(self) -> dict:
+        return {"lo": float(self.lo), "hi": float(self.hi), "caption": self.caption}
+
+
+def _grey(display: np.ndarray) -> np.ndarray:
+    g = cv2.cvtColor(np.asarray(display, np.uint8), cv2.COLOR_RGB2GRAY)
+    return np.repeat(g[:, :, None], 3, axis=2)
+
+
+def _blend_on_grey(heat: np.ndarray, strength: np.ndarray, display: np.ndarray) -> np.ndarray:
+    """Colour where the map is strong, the grey photo where it is ~0: out = a*heat + (1-a)*grey, a = |v|."""
+    if np.shape(display)[:2] != np.shape(heat)[:2]:
+        raise SaliencyError(f"blend: image {np.shape(display)} and map {np.shape(heat)} differ in size")
+    a = np.clip(strength, 0.0, 1.0)[:, :, None]
+    return np.rint(a * heat + (1 - a) * _grey(display)).astype(np.uint8)
+
+
+def _percentile_peak(values: np.ndarray, percentile: float) -> float:
+    """The clip level: the `percentile` of `values` (>= 0), or their max when that percentile is 0."""
+    if not 0.0 < percentile <= 100.0:
+        raise SaliencyError(f"clip percentile must be in (0, 100], not {percentile}")
+    if values.size == 0:
+        return 0.0
+    peak = float(np.percentile(values, percentile))
+    return peak if peak > 0 else float(values.max())
+
+
+def render(saliency: np.ndarray, kind: str, display: np.ndarray | None = None, *,
+           clip_percentile: float = DEFAULT_CLIP_PERCENTILE, blend: bool = False,
+           colormap: str = "jet") -> tuple[np.ndarray, ColourScale]:
+    """An (H, W) map as uint8 RGB at its own size, drawn as its `kind` says, and the scale that reads it.
+
+    `display` (uint8 RGB, same size) is the photo: CAMs are always overlaid on it; signed and pixel maps only
+    with `blend` (onto its grey copy)."""
+    if kind not in MAP_KINDS:
+        raise SaliencyError(f"unknown map kind {kind!r}; known: {', '.join(MAP_KINDS)}")
+    m = np.nan_to_num(np.asarray(saliency, dtype=np.float64))
+    if m.ndim != 2:
+        raise SaliencyError(f"render: a map must be 2-D (H, W), got shape {m.shape}")
+    if kind == "cam":
+        heat = colorize(minmax(m[None])[0], colormap)
+        ramp = colorize(np.linspace(0, 1, 256)[None], colormap)[0]
+        scale = ColourScale(ramp, float(m.min()) if m.size else 0.0, float(m.max()) if m.size else 0.0,
+                            f"CAM ({colormap}): map min to max")
+        return (heat if display is None else overlay(display, heat, alpha=0.5)), scale
+    if kind == "signed":
+        peak = _percentile_peak(np.abs(m), clip_percentile)
+        v = m / peak if peak > 0 else np.zeros_like(m)
+        heat = diverging(v)
+        ramp = diverging(np.linspace(-1, 1, 256))
+        scale = ColourScale(ramp, -peak, peak, f"red +, blue -, white 0; |R| clipped at p{clip_percentile:g}")
+        strength = np.abs(np.clip(v, -1, 1))
+    else:
+        low = min(0.0, float(m.min())) if m.size else 0.0
+        peak = _percentile_peak(m - low, clip_percentile)
+        v = np.clip((m - low) / peak, 0, 1) if peak > 0 else np.zeros_like(m)
+        heat = colorize(v.astype(np.float32), "inferno")
+        ramp = colorize(np.linspace(0, 1, 256)[None], "inferno")[0]
+        scale = ColourScale(ramp, low, low + peak, f"sequential from {'0' if low == 0 else 'min'}; "
+                            f"clipped at p{clip_percentile:g}")
+        strength = v
+    if blend and display is not None:
+        heat = _blend_on_grey(heat, strength, display)
+        scale = ColourScale(scale.ramp, scale.lo, scale.hi, scale.caption + "; on grey")
+    return heat, scale
+
+
+_BAR_W = 14
+_TICK_FONT = 0.4
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def upscale(rgb: np.ndarray, min_height: int) -> np.ndarray:
+    """Nearest-neighbour upscaling by the smallest integer factor reaching `min_height` rows (pixels stay
+    square and sharp: each map value is still one visible block)."""
+    h = rgb.shape[0]
+    k = max(1, math.ceil(min_height / max(h, 1)))
+    if k == 1:
+        return rgb
+    return cv2.resize(rgb, (rgb.shape[1] * k, h * k), interpolation=cv2.INTER_NEAREST)
+
+
+def with_colour_bar(panel: np.ndarray, scale: ColourScale) -> np.ndarray:
+    """`panel` with a vertical colour bar to its right, `hi` at the top, labelled with numbers at both ends
+    and the middle (0 on a symmetric scale)."""
+    h = panel.shape[0]
+    labels = [scale.hi, (scale.lo + scale.hi) / 2, scale.lo]
+    label_w = max(cv2.getTextSize(_fmt(x), _FONT, _TICK_FONT, 1)[0][0] for x in labels) + 2 * _PAD
+    out = np.full((h, panel.shape[1] + _PAD + _BAR_W + label_w, 3), 255, np.uint8)
+    out[:, :panel.shape[1]] = panel
+    idx = np.rint(np.linspace(255, 0, h)).astype(int)  # top row = hi
+    x0 = panel.shape[1] + _PAD
+    out[:, x0:x0 + _BAR_W] = scale.ramp[idx][:, None, :]
+    out[:, x0:x0 + _BAR_W][[0, -1]] = 0  # a thin frame so a white end of the bar still reads as a bar
+    out[:, x0][...] = 0
+    out[:, x0 + _BAR_W - 1][...] = 0
+    text_h = cv2.getTextSize("0", _FONT, _TICK_FONT, 1)[0][1]
+    for value, y in zip(labels, (text_h + 1, h // 2 + text_h // 2, h - 2)):
+        cv2.putText(out, _fmt(value), (x0 + _BAR_W + _PAD, int(y)), _FONT, _TICK_FONT, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
+
+
+def titled(img: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    """`img` under one title bar per line of text (ASCII), widened with white on the right so no line is cut."""
+    lines = [str(t) for t in lines if t]
+    wide = max([cv2.getTextSize(t.encode("ascii", "replace").decode(), _FONT, _FONT_SCALE, 1)[0][0] + 2 * _PAD
+                for t in lines] + [img.shape[1]])
+    out = np.full((img.shape[0] + _TITLE_H * len(lines), wide, 3), 255, np.uint8)
+    for k, text in enumerate(lines):
+        cv2.putText(out, _fit_title(text, wide), (_PAD, (k + 1) * _TITLE_H - 7), _FONT, _FONT_SCALE,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    out[_TITLE_H * len(lines):, :img.shape[1]] = img
+    return out
+
+
+def figure(picture: np.ndarray, scale: ColourScale, title: str, *, min_height: int = 224) -> np.ndarray:
+    """A picture people can read on its own: upscaled to `min_height`, colour bar with numbers, the title and
+    the colour convention above."""
+    return titled(with_colour_bar(upscale(picture, min_height), scale), [title, scale.caption])

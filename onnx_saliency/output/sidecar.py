@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import string
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from .. import __version__
 from ..intake.layers import module_of_tensor
-from .postprocess import colorize, colorize_signed, minmax, overlay
+from .postprocess import DEFAULT_CLIP_PERCENTILE, figure, map_kind, render
 from .writers import json_default, stale_temps, write_json, write_npy, write_png
 
 OUTPUT_SUFFIXES = (".npy", ".png", ".json")
@@ -39,18 +40,49 @@ def versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def picture(display: np.ndarray | None, saliency: np.ndarray, signed: bool) -> np.ndarray:
-    """Overlay for unsigned maps; a diverging map (blended with the photo) for signed ones."""
-    if signed:
-        heat = colorize_signed(saliency)
-    else:
-        heat = colorize(minmax(saliency[None])[0])
-    if display is None:
-        return heat
-    return overlay(display, heat, alpha=0.5)
+@dataclass(frozen=True)
+class Rendering:
+    """How saved pictures are drawn (postprocess.render): `clip_percentile` of |R| (signed) or of the map
+    (unsigned pixel maps) where the colours saturate; `blend` signed and pixel maps onto a grey copy of the
+    photo; `min_height` rows a per-image picture is upscaled to, so its title and colour bar are readable."""
+
+    clip_percentile: float = DEFAULT_CLIP_PERCENTILE
+    blend: bool = False
+    min_height: int = 224
 
 
-def sidecar(explainer, result, index: int, image: Path, options: dict) -> dict:
+def result_kind(result) -> str:
+    """'signed', 'pixel' (unsigned pixel attributions) or 'cam', from what the method returned."""
+    return map_kind(bool(result.signed), getattr(result, "attributions", None) is not None)
+
+
+def picture(display: np.ndarray | None, saliency: np.ndarray, signed: bool, kind: str | None = None,
+            rendering: Rendering = Rendering()) -> np.ndarray:
+    """The map drawn as its kind says, at its own size, without title or bar (``kind`` defaults to 'signed'
+    for signed maps, else 'cam')."""
+    kind = kind or ("signed" if signed else "cam")
+    return render(saliency, kind, display, clip_percentile=rendering.clip_percentile, blend=rendering.blend)[0]
+
+
+def picture_title(explainer, result, index: int) -> str:
+    target = int(result.targets[index])
+    return f"{result.method}: {explainer.model.label(target)} ({target}), score {float(result.scores[index]):.4g}"
+
+
+def annotated_picture(explainer, result, index: int, rendering: Rendering = Rendering()) -> tuple[np.ndarray, dict]:
+    """The per-image picture (map drawn by kind, upscaled, colour bar, title and sign convention) and what the
+    sidecar records about it."""
+    display = getattr(result, "display", None)
+    kind = result_kind(result)
+    heat, scale = render(result.maps[index], kind, None if display is None else display[index],
+                         clip_percentile=rendering.clip_percentile, blend=rendering.blend)
+    rgb = figure(heat, scale, picture_title(explainer, result, index), min_height=rendering.min_height)
+    return rgb, {"kind": kind, "shape": list(rgb.shape[:2]), "colour_bar": scale.as_dict(),
+                 "clip_percentile": rendering.clip_percentile, "blend": rendering.blend,
+                 "min_height": rendering.min_height}
+
+
+def sidecar(explainer, result, index: int, image: Path, options: dict, picture: dict | None = None) -> dict:
     m = explainer.model
     target = int(result.targets[index])
     flat = result.maps[index]
@@ -63,6 +95,7 @@ def sidecar(explainer, result, index: int, image: Path, options: dict) -> dict:
         "map": {"shape": list(flat.shape), "min": float(flat.min()), "max": float(flat.max()),
                 "signed": bool(result.signed), "constant": bool(np.ptp(flat) == 0),
                 "all_zero": bool(not flat.any())},
+        **({"picture": picture} if picture is not None else {}),
         "preprocessing": vars(explainer.preprocessing) if hasattr(explainer.preprocessing, "__dict__") else str(
             explainer.preprocessing),
         "assumptions": list(getattr(explainer, "assumptions", [])),  # chosen without the user's or model's word
@@ -118,22 +151,25 @@ def output_name(image) -> str:
     return name
 
 
-def write_image_outputs(explainer, result, i: int, image: Path, out: Path, options: dict) -> None:
+def write_image_outputs(explainer, result, i: int, image: Path, out: Path, options: dict,
+                        rendering: Rendering = Rendering()) -> None:
     """The map, picture and sidecar of image `i` of `result`; the JSON goes last, so it marks completion."""
-    display = getattr(result, "display", None)
     npy, png, sidecar_path = output_paths(out, image, result.method)
     for target in (npy, png, sidecar_path):
         for stale in stale_temps(target):  # left by a run killed between writing and renaming
             stale.unlink(missing_ok=True)
     write_npy(npy, result.maps[i].astype(np.float32))
-    write_png(png, picture(None if display is None else display[i], result.maps[i], result.signed))
-    write_json(sidecar_path, sidecar(explainer, result, i, image, options))
+    rgb, about = annotated_picture(explainer, result, i, rendering)
+    write_png(png, rgb)
+    write_json(sidecar_path, sidecar(explainer, result, i, image, options, about))
 
 
-def outputs_complete(out: Path, image: Path, method: str, model_sha256: str, settings: dict | None = None) -> bool:
+def outputs_complete(out: Path, image: Path, method: str, model_sha256: str, settings: dict | None = None,
+                     rendering: Rendering | None = None) -> bool:
     """True when the three outputs of (image, method) exist, load, agree on the map shape, and the sidecar
     names this method and model and, where `settings` is given, was made with those settings (layer, target,
-    preprocessing, options: `Explainer.run_settings`); outputs made otherwise are redone.
+    preprocessing, options: `Explainer.run_settings`) and, where `rendering` is given, its picture was drawn
+    that way; outputs made otherwise are redone.
     """
     npy, png, sidecar_path = output_paths(out, image, method)
     try:
@@ -147,8 +183,13 @@ def outputs_complete(out: Path, image: Path, method: str, model_sha256: str, set
     if settings is not None and meta.get("settings") != json.loads(json.dumps(settings, default=json_default)):
         return False
     shape = meta.get("map", {}).get("shape") if isinstance(meta.get("map"), dict) else None
+    pic = meta.get("picture") if isinstance(meta.get("picture"), dict) else {}
+    drawn = pic.get("shape")
+    if rendering is not None and (pic.get("clip_percentile"), pic.get("blend"), pic.get("min_height")) != (
+            rendering.clip_percentile, rendering.blend, rendering.min_height):
+        return False
     return (saliency.ndim == 2 and saliency.dtype == np.float32 and list(saliency.shape) == shape
-            and picture_hw == tuple(shape) and bool(np.isfinite(saliency).all()))
+            and isinstance(drawn, list) and picture_hw == tuple(drawn) and bool(np.isfinite(saliency).all()))
 
 
 def _png_size(path: Path) -> tuple[int, int] | None:

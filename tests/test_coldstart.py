@@ -1,0 +1,308 @@
+"""Cold start on big models (issue 12): weights held once, rewrites O(nodes), the persistent graph cache, and
+the session LRU. Mechanisms, not timings (those are in benchmarks/results_coldstart.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import graph_passes as gp
+from cli.main import main
+from graph_passes._graph import placeholder_ref
+from onnx_saliency import Explainer
+from onnx_saliency.engine import cache as graph_cache
+from onnx_saliency.intake.model import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def big_classifier(path: Path, features: int = 16384, hidden: int = 3072) -> Path:
+    """Conv+BN+ReLU+pool, then a Gemm of features x hidden float32 weights (16384 x 3072: 192 MiB)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32), "c.w"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "c.b"),
+             numpy_helper.from_array(rng.random(16).astype(np.float32) + 0.5, "bn.g"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, "bn.b"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, "bn.m"),
+             numpy_helper.from_array(rng.random(16).astype(np.float32) + 0.5, "bn.v"),
+             numpy_helper.from_array(rng.random((hidden, features), dtype=np.float32) * 0.02 - 0.01, "fc1.w"),
+             numpy_helper.from_array(np.zeros(hidden, np.float32), "fc1.b"),
+             numpy_helper.from_array(rng.standard_normal((10, hidden)).astype(np.float32) * 0.05, "fc2.w"),
+             numpy_helper.from_array(np.zeros(10, np.float32), "fc2.b")]
+    nodes = [helper.make_node("Conv", ["x", "c.w", "c.b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn.g", "bn.b", "bn.m", "bn.v"], ["bn"], name="bn"),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "fc1.w", "fc1.b"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["hr"], name="relu_fc"),
+             helper.make_node("Gemm", ["hr", "fc2.w", "fc2.b"], ["logits"], name="fc2", transB=1)]
+    side = int(round((features // 16) ** 0.5)) * 2
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, side, side])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def small_classifier(path: Path) -> Path:
+    """The same network at 1/64 of the width: weights large enough to be held in the store (>= 16384 values)."""
+    return big_classifier(path, features=1024, hidden=64)
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory) -> Path:
+    return big_classifier(tmp_path_factory.mktemp("big") / "big.onnx")
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_rewrites_allocate_no_second_copy_of_the_weights(big_model):
+    if not Path("/proc/self/status").exists() or not _reset_peak():
+        pytest.skip("needs Linux /proc to reset and read the peak resident set")
+    model = load_model(big_model)
+    weights = model.weights.nbytes
+    assert weights > 180 << 20
+    # every large weight is a placeholder: the graphs themselves are structure only
+    assert all(placeholder_ref(t) is not None for t in model.canonical.graph.initializer if t.name == "fc1.w")
+    assert model.canonical.ByteSize() < 1 << 20
+    from onnx_saliency.engine import Engine
+
+    engine = Engine(model)
+    key, build = engine.graph(expose=["r"], wrt=["r"])
+    _reset_peak()
+    before = _status("VmRSS")
+    for _ in range(3):  # Grad-CAM's graph, built and serialised three times
+        graph = build(model.canonical)
+        data = graph.SerializeToString()
+    grown = _status("VmHWM") - before
+    assert len(data) < 1 << 20
+    assert grown < weights // 4, f"a rewrite grew the resident set by {grown >> 20} MiB ({weights >> 20} MiB weights)"
+    # onnxruntime keeps its own copy (and pre-packed ones) of what it is given, either way; building the
+    # session from the store's arrays saves at least the serialised copy a graph with inline weights needs
+    import onnxruntime as ort
+    from graph_passes._graph import materialize
+
+    _reset_peak()
+    before = _status("VmRSS")
+    engine.session(key, build)
+    ours = _status("VmHWM") - before
+    engine.drop_sessions()
+    _reset_peak()
+    before = _status("VmRSS")
+    inline = materialize(build(model.canonical)).SerializeToString()
+    sess = ort.InferenceSession(inline, providers=["CPUExecutionProvider"])
+    theirs = _status("VmHWM") - before
+    del sess, inline
+    assert ours + weights // 2 < theirs, (ours >> 20, theirs >> 20)
+
+
+def test_weights_are_held_once_and_maps_match_the_materialized_graph(tmp_path):
+    import onnxruntime as ort
+    from graph_passes._graph import materialize
+
+    path = small_classifier(tmp_path / "m.onnx")
+    ex = Explainer(path, cache=False)
+    store = ex.model.weights
+    own = store.nbytes
+    # the original and the canonical graph share every weight canonicalize did not change
+    assert {placeholder_ref(t)[1] for t in ex.model.original.graph.initializer if placeholder_ref(t)} \
+        & {placeholder_ref(t)[1] for t in ex.model.canonical.graph.initializer if placeholder_ref(t)}
+    x = np.random.default_rng(1).random((2, 3, 16, 16), dtype=np.float32)
+    key, build = ex.engine.graph(wrt=["x"])
+    graph = build(ex.model.canonical)
+    full = ort.InferenceSession(materialize(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess, names, _ = ex.engine.session(key, build)
+    feeds = {"x": x, gp.TARGETS_INPUT: np.full(2, -1, np.int64)}
+    for a, b in zip(full.run(names, feeds), sess.run(names, feeds)):
+        np.testing.assert_array_equal(a, b)
+    # LRP's derived weights (z+ on the dense layers: W+) are computed into the store once, and every graph
+    # that derives the same weights shares them
+    ex.explain(x, method="lrp", composite="zplus")
+    after_one = store.nbytes
+    assert after_one > own
+    ex.explain(x, method="lrp", composite="zplus", init="one")  # another graph, the same modified weights
+    assert len(ex.engine._sessions) >= 3
+    assert store.nbytes == after_one
+
+
+def _maps(ex, x, methods):
+    return {m: ex.explain(x, method=m).maps for m in methods}
+
+
+def test_cache_hit_on_second_run_rebuilt_when_corrupt_and_maps_identical(tmp_path):
+    path = small_classifier(tmp_path / "m.onnx")
+    folder = tmp_path / "cache"
+    x = np.random.default_rng(2).random((2, 3, 16, 16), dtype=np.float32)
+    methods = ("gradcam", "lrp", "guided-backprop")
+    reference = _maps(Explainer(path, cache=False), x, methods)
+
+    first = Explainer(path, cache=folder)
+    cold = _maps(first, x, methods)
+    assert first.engine.graph_source.hits == 0
+    files = sorted(folder.glob("*" + graph_cache.SUFFIX))
+    assert len(files) == len(methods)
+
+    second = Explainer(path, cache=folder)
+    built = []
+    real = second.engine.graph
+
+    def counting(*a, **k):
+        key, build = real(*a, **k)
+        return key, lambda c: built.append(key) or build(c)
+
+    second.engine.graph = counting
+    warm = _maps(second, x, methods)
+    assert second.engine.graph_source.hits == len(methods)
+    assert built == []  # nothing was rewritten: every graph came from the cache
+    for m in methods:
+        np.testing.assert_array_equal(cold[m], reference[m])
+        np.testing.assert_array_equal(warm[m], reference[m])
+
+    # a corrupted entry (one flipped byte) and a foreign one (another entry's bytes) are rebuilt, never used
+    blob = bytearray(files[0].read_bytes())
+    blob[-10] ^= 0xFF
+    files[0].write_bytes(bytes(blob))
+    files[1].write_bytes(files[2].read_bytes())
+    third = Explainer(path, cache=folder)
+    again = _maps(third, x, methods)
+    assert third.engine.graph_source.rebuilt == 2 and third.engine.graph_source.hits == 1
+    for m in methods:
+        np.testing.assert_array_equal(again[m], reference[m])
+    assert all(graph_cache._unpack(f.read_bytes(), b"") is None for f in files)  # sanity of the checker itself
+    assert len(list(folder.glob("*" + graph_cache.SUFFIX))) == len(methods)
+
+
+def test_cache_is_keyed_by_model_and_bounded(tmp_path):
+    a = small_classifier(tmp_path / "a.onnx")
+    b = big_classifier(tmp_path / "b.onnx", features=1024, hidden=65)
+    folder = tmp_path / "cache"
+    x = np.random.default_rng(3).random((1, 3, 16, 16), dtype=np.float32)
+    Explainer(a, cache=folder).explain(x, method="gradcam")
+    ex_b = Explainer(b, cache=folder)
+    ex_b.explain(x, method="gradcam")
+    assert ex_b.engine.graph_source.hits == 0 and len(list(folder.glob("*.graph"))) == 2
+    one = max(f.stat().st_size for f in folder.glob("*.graph"))
+    ex_b.use_cache(folder, max_bytes=one + 1)
+    ex_b.explain(x, method="gradient")
+    assert len(list(folder.glob("*.graph"))) == 1  # least recently used evicted to stay within the bound
+
+
+def test_two_processes_writing_at_once_leave_one_valid_entry(tmp_path):
+    path = small_classifier(tmp_path / "m.onnx")
+    folder = tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import numpy as np, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from onnx_saliency import Explainer
+        ex = Explainer({str(path)!r}, cache={str(folder)!r})
+        src = ex.engine.graph_source
+        key, build = ex.engine.graph(expose=["r"], wrt=["r"])
+        data = build(ex.model.canonical).SerializeToString()
+        for _ in range(30):  # both processes replace the same entry over and over
+            src.save(key, data)
+        print(len(data))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    sizes = {int(p.communicate(timeout=300)[0].strip()) for p in procs}
+    assert all(p.returncode == 0 for p in procs) and len(sizes) == 1
+    entries = list(folder.glob("*" + graph_cache.SUFFIX))
+    assert len(entries) == 1 and not list(folder.glob(".*.tmp"))
+    ex = Explainer(path, cache=folder)
+    key, _ = ex.engine.graph(expose=["r"], wrt=["r"])
+    assert len(ex.engine.graph_source.load(key)) == sizes.pop()
+
+
+def test_session_lru_keeps_the_memory_budget(tmp_path):
+    path = small_classifier(tmp_path / "m.onnx")
+    ex = Explainer(path, cache=False)
+    x = np.random.default_rng(4).random((1, 3, 16, 16), dtype=np.float32)
+    methods = ("gradcam", "lrp", "guided-backprop", "gradient", "excitation-backprop")
+    ref = Explainer(path, cache=False)
+    reference = {m: ref.explain(x, method=m).maps for m in methods}
+    assert len(ref.engine._sessions) == len(methods)  # the default budget holds them all
+    one = max(ref.engine.session_bytes.values())
+    ex.engine.memory_budget = int(one * 2.2)  # room for two of the largest sessions
+    for _ in range(2):
+        for m in methods:
+            np.testing.assert_array_equal(ex.explain(x, method=m).maps, reference[m])
+            assert sum(ex.engine.session_bytes.values()) <= ex.engine.memory_budget
+            assert len(ex.engine._sessions) < len(methods)
+    assert ex.engine.evictions >= len(methods)
+    # derived weights of evicted sessions left the store with them
+    live = set().union(*ex.engine._weight_keys.values())
+    assert all(not k.startswith("derived/") or k in live for k in ex.model.weights.arrays)
+
+
+def test_cache_cli_info_and_clear(tmp_path):
+    path = small_classifier(tmp_path / "m.onnx")
+    folder = tmp_path / "cache"
+    images = tmp_path / "imgs"
+    images.mkdir()
+    import cv2
+
+    cv2.imwrite(str(images / "a.png"), np.full((20, 20, 3), 90, np.uint8))
+    runner = CliRunner()
+    res = runner.invoke(main, ["explain", str(path), str(images), "--out", str(tmp_path / "o1"), "-m", "gradcam",
+                               "--cache-dir", str(folder), "--preset", "torchvision", "-q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["cache", "info", "--cache-dir", str(folder)])
+    assert res.exit_code == 0 and "entries      1" in res.output
+    res = runner.invoke(main, ["explain", str(path), str(images), "--out", str(tmp_path / "o2"), "-m", "gradcam",
+                               "--no-cache", "--preset", "torchvision", "-q"])
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(np.load(tmp_path / "o1/a/gradcam.npy"), np.load(tmp_path / "o2/a/gradcam.npy"))
+    res = runner.invoke(main, ["cache", "clear", "--cache-dir", str(folder)])
+    assert res.exit_code == 0 and "removed 1" in res.output
+    assert not list(folder.glob("*.graph"))
+
+
+def test_suite_never_uses_the_user_cache():
+    import os
+
+    assert os.environ.get(graph_cache.ENV) == "off" and graph_cache.default_cache_dir() is None
+
+
+def test_structure_is_read_without_the_large_weights_which_stay_in_the_file(tmp_path):
+    from onnx_saliency.intake.wire import read_structure
+
+    path = small_classifier(tmp_path / "m.onnx")
+    full = onnx.load(str(path))
+    model, found = read_structure(path, 1 << 14)
+    raw = path.read_bytes()
+    names = [t.name for t in full.graph.initializer]
+    assert [names[i] for i in found] == ["fc1.w"]
+    for i, (t, s) in enumerate(zip(full.graph.initializer, model.graph.initializer)):
+        if i in found:
+            offset, length = found[i]
+            assert raw[offset:offset + length] == t.raw_data and not s.raw_data and s.name == t.name
+        else:
+            assert s == t
+    assert list(model.graph.node) == list(full.graph.node) and model.opset_import == full.opset_import
+    # the loaded model maps that weight from the file, read-only, and never holds it in its graphs
+    loaded = load_model(path)
+    assert set(loaded.weights.files) == {"fc1.w"}
+    assert isinstance(loaded.weights.arrays["fc1.w"], np.memmap) and not loaded.weights.arrays["fc1.w"].flags.writeable
