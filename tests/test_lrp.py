@@ -492,3 +492,17 @@ def test_lrp_methods(tmp_path):
     eb = get_method("excitation-backprop").explain(Request(engine, x, np.full(3, -1), [], {}))
     assert not eb.signed and eb.maps.min() >= 0
     np.testing.assert_allclose(eb.attributions.reshape(3, -1).sum(1), 1.0, rtol=1e-4)  # one-hot 1 init
+
+
+def test_a_composite_object_is_accepted_through_the_api():
+    """explain(composite=<lrp.Composite>) uses the object (the option is declared as a name for the CLI)."""
+    from onnx_saliency import Explainer
+    from onnx_saliency.lrp.composites import get_composite
+    from onnx_saliency.models import DEFAULT_MODEL_PATH
+
+    ex = Explainer(DEFAULT_MODEL_PATH)
+    c, (h, w) = ex.model.channels, ex.model.input_hw
+    x = np.random.default_rng(0).uniform(0, 1, (1, c, h, w)).astype(np.float32)
+    by_name = ex.explain(x, method="lrp", composite="epsilon-plus")
+    by_object = ex.explain(x, method="lrp", composite=get_composite("epsilon-plus"))
+    np.testing.assert_array_equal(by_object.maps, by_name.maps)

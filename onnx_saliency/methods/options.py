@@ -90,6 +90,8 @@ class Option:
                 raise bad(f"one of {', '.join(self.choices)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             return text
         if self.kind in ("str", "path"):
+            if self.name == "composite" and _is_composite(value):
+                return value  # an lrp.Composite object given through the API: used as it is
             if isinstance(value, np.ndarray) or not str(value).strip():
                 raise bad("a name" if self.kind == "str" else "a file path")
             return str(value).strip() if self.kind == "str" else str(value)
@@ -177,8 +179,15 @@ def bind(table: dict[str, Option], options: dict, owner: str) -> dict:
     return {k: (table[k].parse(v, owner) if k in table else v) for k, v in options.items()}
 
 
+def _is_composite(value) -> bool:
+    from ..lrp.composites import Composite  # lrp does not import methods: no circle
+
+    return isinstance(value, Composite)
+
+
 # options several methods share
-COMPOSITE = Option("composite", "str", None, "LRP composite name (onnx-saliency rules --help lists them)")
+COMPOSITE = Option("composite", "str", None, "LRP composite name (onnx-saliency rules --help lists them); "
+                   "through the API also an lrp.Composite")
 RULE_MAP = Option("rule_map", "path", None, "LRP rule-map file (JSON or YAML) mapping nodes to rules")
 LOW = Option("low", "float", None, "lowest input value for the z^B rule (default from the preprocessing)")
 HIGH = Option("high", "float", None, "highest input value for the z^B rule (default from the preprocessing)")
