@@ -332,3 +332,34 @@ def test_squeeze_excitation_gate_is_held_fixed_whichever_way_hard_sigmoid_is_wri
         out = lrp.relevance_at(engine, _x((3, 6, 6)), composite="epsilon-plus-flat")
         maps[decomposed] = out["relevance"]["x"]
     np.testing.assert_allclose(maps[True], maps[False], rtol=1e-4, atol=1e-6 * np.abs(maps[False]).max())
+
+
+def test_einsum_of_two_activations_takes_the_uniform_rule(tmp_path):
+    """Q K^T and A V written as Einsum (MaxViT's exports): the uniform rule as for MatMul, each node conserves
+    and the map equals the MatMul spelling's."""
+    rng = np.random.default_rng(7)
+    inits = {"w1": _w(rng, 4, 3, 3, 3), "flat_hw": np.array([0, 4, 16], np.int64), "ax": np.array([2], np.int64)}
+
+    def build(einsum):
+        head = [_n("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), _n("Reshape", ["a", "flat_hw"], ["q"])]
+        if einsum:
+            body = [_n("Einsum", ["q", "q"], ["attn"], name="scores", equation="bcd,bed->bce"),
+                    _n("Softmax", ["attn"], ["p"], axis=-1, name="softmax"),
+                    _n("Einsum", ["p", "q"], ["o"], name="mix", equation="bce,bed->bcd")]
+        else:
+            body = [_n("Transpose", ["q"], ["qt"], perm=[0, 2, 1]), _n("MatMul", ["q", "qt"], ["attn"], name="scores"),
+                    _n("Softmax", ["attn"], ["p"], axis=-1, name="softmax"), _n("MatMul", ["p", "q"], ["o"], name="mix")]
+        nodes = head + body + [_n("ReduceMean", ["o", "ax"], ["logits"], keepdims=0)]
+        return make_model(nodes, [("x", (None, 3, 4, 4))], [("logits", (None, 4))], inits, opset=18)
+
+    x = _x((3, 4, 4))
+    maps = {}
+    for einsum in (True, False):
+        engine = _engine(build(einsum), tmp_path, f"e{int(einsum)}.onnx")
+        rows = {r["node"]: r for r in lrp.conservation_table(engine, x, composite="epsilon")}
+        assert rows["mix"]["rule"].startswith("uniform")
+        for name in ("scores", "mix"):
+            np.testing.assert_allclose(rows[name]["in"], rows[name]["out"], rtol=1e-4,
+                                       atol=1e-6 * np.abs(rows[name]["out"]).max())
+        maps[einsum] = lrp.relevance_at(engine, x, composite="epsilon")["relevance"]["x"]
+    np.testing.assert_allclose(maps[True], maps[False], rtol=1e-4, atol=1e-5 * np.abs(maps[False]).max())

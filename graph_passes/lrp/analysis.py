@@ -163,7 +163,8 @@ def analyze(model: onnx.ModelProto) -> LRPAnalysis:
                     signal = _pointwise_signal(node, prod, live, inits)
                     if signal is not None:
                         a.gates[node.name] = signal
-        if op in ("MatMul", "Mul") and len(node.input) == 2 and all(i in live for i in node.input) \
+        # a two-operand Einsum is bilinear like MatMul (MaxViT's relative attention writes Q K^T this way)
+        if op in ("MatMul", "Mul", "Einsum") and len(node.input) == 2 and all(i in live for i in node.input) \
                 and node.name not in a.gates:
             probs = [_softmax_behind(i, prod) for i in node.input]
             a.products[node.name] = probs.index(True) if probs.count(True) == 1 else -1
