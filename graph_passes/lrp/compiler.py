@@ -436,13 +436,7 @@ def _compile_unpool_overwrite(b, node, gy, want):
     flat index of every window is scattered to its argmax with reduction max, then R is gathered there."""
     if attrs(node).get("storage_order", 0) != 0:
         raise GraphPassError(f"{node.name} (MaxPool): storage_order=1 is not supported")
-    if len(node.output) < 2 or not node.output[1]:
-        idx = b.fresh("argmax")
-        if len(node.output) < 2:
-            node.output.append(idx)
-        else:
-            node.output[1] = idx
-    x, idx = node.input[0], node.output[1]
+    x, idx = node.input[0], vjp_rules.maxpool_indices(b, node)
     flat = b.const([-1], np.int64)
     r_flat = b.add("Reshape", [gy[0], flat])
     order = b.add("Range", [b.const(0, np.int64), b.add("Size", [r_flat]), b.const(1, np.int64)])

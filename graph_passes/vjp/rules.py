@@ -309,17 +309,23 @@ def batchnorm_rule(b, node, gy, want):
 
 # --- pooling -----------------------------------------------------------------------------------------------
 
-def maxpool_rule(b, node, gy, want):
-    """Route each output's gradient to its argmax; overlapping windows accumulate via ScatterElements(add)."""
+def maxpool_indices(b, node) -> str:
+    """The MaxPool's argmax output (flat input indices), added to the node where the export left it out."""
     if len(node.output) < 2 or not node.output[1]:
         idx = b.fresh("argmax")
         if len(node.output) < 2:
             node.output.append(idx)
         else:
             node.output[1] = idx
+    return node.output[1]
+
+
+def maxpool_rule(b, node, gy, want):
+    """Route each output's gradient to its argmax; overlapping windows accumulate via ScatterElements(add)."""
+    idx = maxpool_indices(b, node)
     if attrs(node).get("storage_order", 0) != 0:
         _unsupported(b, "storage_order=1 is not supported")
-    x, idx = node.input[0], node.output[1]
+    x = node.input[0]
     a = attrs(node)
     kernel = list(a["kernel_shape"])
     dil = list(a.get("dilations", [1] * len(kernel)))
