@@ -266,7 +266,7 @@ def new_initializer(model, name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(array, name) if store is None else store.shared(name, array)
 
 
-def _resolve(t: onnx.TensorProto, ref, fallback) -> WeightStore:
+def store_for(t: onnx.TensorProto, ref, fallback) -> WeightStore:
     store = _STORES.get(ref[0])
     if store is None or ref[1] not in store.arrays:
         store = fallback
@@ -287,7 +287,7 @@ def ort_model(model: onnx.ModelProto, options, fallback: WeightStore | None = No
         ref = placeholder_ref(t)
         if ref is None:
             continue
-        store = _resolve(t, ref, fallback)
+        store = store_for(t, ref, fallback)
         nbytes += store.arrays[ref[1]].nbytes
         file = store.files.get(ref[1])
         if file is not None and folder in (None, file[0].parent):

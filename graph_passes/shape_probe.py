@@ -124,6 +124,7 @@ def _run(model, inputs, infos, wanted, batches) -> list[dict] | None:
         probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
     opts = ort.SessionOptions()  # its log follows onnxruntime's default logger (onnx_saliency quiets that)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # one run: build it fast
+    opts.add_session_config_entry("session.disable_prepacking", "1")  # and read the weights where they lie
     try:
         data, _ = ort_model(probe, opts)  # weights held in a store: mapped or shared, not copied
         sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])

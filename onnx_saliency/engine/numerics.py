@@ -8,8 +8,7 @@ import onnx
 from graph_passes._graph import ort_model, tensor_array
 
 from ..errors import NumericalError
-from ..ort_logging import session_severity
-from .providers import import_onnxruntime
+from .providers import import_onnxruntime, session_options
 
 
 def first_nonfinite_node(graph: onnx.ModelProto, feeds: dict[str, np.ndarray], providers) -> str | None:
@@ -26,8 +25,7 @@ def first_nonfinite_node(graph: onnx.ModelProto, feeds: dict[str, np.ndarray], p
             if out and out not in present:
                 m.graph.output.append(onnx.ValueInfoProto(name=out))  # onnxruntime infers the type
                 present.add(out)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = session_severity()
+    opts = session_options()
     try:
         data, _ = ort_model(m, opts)
         sess = ort.InferenceSession(data, opts, providers=providers)

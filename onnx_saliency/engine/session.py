@@ -26,14 +26,13 @@ import numpy as np
 import onnx
 
 import graph_passes as gp
-from graph_passes._graph import has_derived, materialize, ort_model, placeholder_keys
+from graph_passes._graph import has_derived, materialize, ort_model, placeholder_keys, placeholder_ref, store_for
 
 from ..errors import SaliencyError, UnsupportedModelError
 from ..intake.model import LoadedModel, release_freed_memory
-from ..ort_logging import session_severity
 from .memory import DEFAULT_MEMORY_BUDGET, FORWARD_SHARE, activation_bytes
 from .numerics import check_finite, first_nonfinite_node
-from .providers import import_onnxruntime, providers_for
+from .providers import import_onnxruntime, providers_for, session_options
 
 PLAIN_KEY = ("vjp", (), (), "plain", "targets")  # Engine.graph() with no arguments: scores and target seed
 
@@ -96,15 +95,10 @@ class Engine:
             else:
                 proto = onnx.load_from_string(data)
             keys = placeholder_keys(proto)
-            opts = ort.SessionOptions()
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-                opts.inter_op_num_threads = 1
-            opts.log_severity_level = session_severity()
-            data, shared = ort_model(proto, opts, self.model.weights)
-            # what the session holds: the graph's inline bytes, and about one copy of the model's weights
-            # (onnxruntime pre-packs or copies Conv/Gemm weights per session)
-            cost = len(data) + shared
+            opts = session_options(self.threads)
+            copied = copied_weight_bytes(proto, self.model.weights)
+            data, _ = ort_model(proto, opts, self.model.weights)
+            cost = len(data) + copied
             del proto
             self._evict_for(cost)
             try:
@@ -274,6 +268,27 @@ class Engine:
             return first_nonfinite_node(rebuild(), pad_feeds(feeds, self.model.batch), self._providers)
 
         return locate
+
+
+# Weights these ops read are used where they lie (mapped from the model file or shared OrtValues; pre-packing
+# is off, see providers.DISABLE_PREPACKING); onnxruntime's optimiser copies the others into new initializers
+# of the session (Conv weights reordered to its blocked layout, constant subgraphs folded).
+_IN_PLACE_OPS = {"MatMul", "Gemm"}
+
+
+def copied_weight_bytes(model: onnx.ModelProto, fallback=None) -> int:
+    """About how many bytes of the weight store a session of `model` copies into memory of its own."""
+
+    copied = set()
+    for node in model.graph.node:
+        if node.op_type not in _IN_PLACE_OPS:
+            copied.update(node.input)
+    total = 0
+    for t in model.graph.initializer:
+        ref = placeholder_ref(t)
+        if ref is not None and t.name in copied:
+            total += store_for(t, ref, fallback).arrays[ref[1]].nbytes
+    return total
 
 
 def pad_feeds(feeds: dict[str, np.ndarray], batch: int | None) -> dict[str, np.ndarray]:
