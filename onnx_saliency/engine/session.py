@@ -26,9 +26,10 @@ import numpy as np
 import onnx
 
 import graph_passes as gp
-from graph_passes._graph import has_derived, materialize, ort_model, placeholder_keys, placeholder_ref, store_for
+from graph_passes._graph import (clone, has_derived, materialize, ort_model, placeholder_keys, placeholder_ref,
+                                 store_for)
 
-from ..errors import SaliencyError, UnsupportedModelError
+from ..errors import ModelLoadError, SaliencyError, UnsupportedModelError
 from ..intake.model import LoadedModel, release_freed_memory
 from .memory import DEFAULT_MEMORY_BUDGET, FORWARD_SHARE, activation_bytes
 from .numerics import check_finite, first_nonfinite_node
@@ -104,9 +105,8 @@ class Engine:
             try:
                 sess = ort.InferenceSession(data, opts, providers=self._providers)
             except Exception as err:  # onnxruntime's Fail, InvalidGraph, NotImplemented...: one line
-                raise UnsupportedModelError(f"{self.model.path.name}: onnxruntime cannot load "
-                                            f"{'the model' if key == PLAIN_KEY else f'its {key[0]} graph'} "
-                                            f"({ort_message(err)})") from None
+                del data
+                raise self._load_error(key, err) from None
             del data
             release_freed_memory()
             rebuild = functools.partial(build, self.model.canonical)
@@ -114,6 +114,25 @@ class Engine:
             self.session_bytes[key] = cost
             self._weight_keys[key] = keys
             return self._sessions[key]
+
+    def _load_error(self, key: tuple, err: Exception) -> UnsupportedModelError:
+        """The error for a graph onnxruntime refused: ModelLoadError when the model itself does not load
+        (then every method fails alike and a run stops; tried on this failure path only, so a run never
+        builds a session it does not use), else an error for this graph alone."""
+        name = self.model.path.name
+        model_fails = key == PLAIN_KEY
+        if not model_fails:
+            try:
+                ort = import_onnxruntime()
+                opts = session_options(self.threads)
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                data, _ = ort_model(clone(self.model.canonical), opts, self.model.weights)
+                ort.InferenceSession(data, opts, providers=self._providers)
+            except Exception as plain:  # noqa: BLE001 - onnxruntime's errors have no common base
+                model_fails, err = True, plain
+        if model_fails:
+            return ModelLoadError(f"{name}: onnxruntime cannot load the model ({ort_message(err)})")
+        return UnsupportedModelError(f"{name}: onnxruntime cannot load its {key[0]} graph ({ort_message(err)})")
 
     def _own_weight(self, key: str) -> bool:
         return self.model.weights is not None and key in self.model.weights.arrays and not key.startswith("derived/")
