@@ -86,7 +86,8 @@ class Engine:
             ort = import_onnxruntime()
             source = self.graph_source
             data = source.load(key) if source is not None else None
-            if data is None:
+            built = data is None
+            if built:
                 proto = build(self.model.canonical)
                 data = proto.SerializeToString()
                 if source is not None:
@@ -108,7 +109,8 @@ class Engine:
                 del data
                 raise self._load_error(key, err) from None
             del data
-            release_freed_memory()
+            if built:  # the rewrite's transient copies and graph-surgeon's reference cycles
+                release_freed_memory()
             rebuild = functools.partial(build, self.model.canonical)
             self._sessions[key] = (sess, [o.name for o in sess.get_outputs()], rebuild)
             self.session_bytes[key] = cost
@@ -139,12 +141,14 @@ class Engine:
 
     def _evict_for(self, cost: int) -> None:
         """Drop least recently used sessions until `cost` more bytes fit the memory budget (or none is left)."""
+        evicted = self.evictions
         while self._sessions and sum(self.session_bytes.values()) + cost > self.memory_budget:
             old, _ = self._sessions.popitem(last=False)
             self.session_bytes.pop(old, None)
             self._forget_weights(old)
             self.evictions += 1
-        release_freed_memory()
+        if self.evictions > evicted:
+            release_freed_memory()
 
     def _forget_weights(self, key) -> None:
         """Derived weights only the dropped session `key` used leave the store with it."""

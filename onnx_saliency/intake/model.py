@@ -71,6 +71,30 @@ class LoadedModel:
                              resize_mode=k.get("resize_mode", "shorter"), layout="NCHW")
 
 
+def _hash_in_background(path: Path):
+    """Start hashing `path` on another thread (hashlib and file reads release the GIL: on two cores the hash of
+    a 500 MB model costs no wall time beside parsing and canonicalising it); returns a function that waits for
+    the hex digest. A file that cannot be read hashes in the caller, so its error is raised there."""
+    import threading
+
+    found: list = []
+
+    def work():
+        try:
+            found.append(sha256_of(path))
+        except OSError:  # said by result(), on the caller's thread
+            pass
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+
+    def result() -> str:
+        worker.join()
+        return found[0] if found else sha256_of(path)
+
+    return result
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -394,6 +418,7 @@ def release_freed_memory() -> None:
 def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     """fuse_affine: also fold bias Adds, MatMul heads and per-channel scale/shift into their layers (audits)."""
     path = Path(path)
+    digest = _hash_in_background(path)
     # from here on every large weight is held once, in `weights`; the graphs hold placeholders for them, so
     # canonicalisation and every rewrite after it copy and serialise structure only
     weights = WeightStore()
@@ -430,7 +455,7 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     cdims = _find_image_input(canonical, path).type.tensor_type.shape.dim
     static = [d.dim_value if d.HasField("dim_value") else None for d in cdims]
     metadata = {p.key: p.value for p in original.metadata_props}
-    return LoadedModel(path=path, sha256=sha256_of(path), original=original, canonical=canonical, report=report,
+    return LoadedModel(path=path, sha256=digest(), original=original, canonical=canonical, report=report,
                        input_name=image.name, layout=layout, input_hw=(static[2], static[3]),
                        channels=static[1] or 3, output_name=output_name, score_tensor=score, num_classes=classes,
                        metadata=metadata, labels=labels_from_metadata(metadata), batch=static[0] or None,
