@@ -71,28 +71,40 @@ class LoadedModel:
                              resize_mode=k.get("resize_mode", "shorter"), layout="NCHW")
 
 
-def _hash_in_background(path: Path):
-    """Start hashing `path` on another thread (hashlib and file reads release the GIL: on two cores the hash of
-    a 500 MB model costs no wall time beside parsing and canonicalising it); returns a function that waits for
-    the hex digest. A file that cannot be read hashes in the caller, so its error is raised there."""
-    import threading
+class _FileScan:
+    """sha256 of a model file and the NaN check of its mapped weights, in one read on a second thread (hashlib,
+    numpy's sum and file reads release the GIL: on two cores a 500 MB model's scan costs no wall time beside
+    canonicalising it). result() waits, and raises what the scan found."""
 
-    found: list = []
+    def __init__(self, path: Path):
+        self.path = path
+        self.thread = None
+        self.error: BaseException | None = None
+        self.hexdigest: str | None = None
 
-    def work():
-        try:
-            found.append(sha256_of(path))
-        except OSError:  # said by result(), on the caller's thread
-            pass
+    def start(self, ranges) -> None:
+        import threading
 
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
+        def work():
+            try:
+                digest = hashlib.sha256()
+                _scan_file(self.path, ranges, digest)
+                self.hexdigest = digest.hexdigest()
+            except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread by result()
+                self.error = err
 
-    def result() -> str:
-        worker.join()
-        return found[0] if found else sha256_of(path)
+        self.thread = threading.Thread(target=work, daemon=True)
+        self.thread.start()
 
-    return result
+    def result(self) -> str:
+        if self.thread is None:  # read_model never got as far as the weights
+            return sha256_of(self.path)
+        self.thread.join()
+        if self.error is not None:
+            if isinstance(self.error, OSError):
+                raise SaliencyError(f"{self.path}: cannot read ({self.error.strerror or self.error})") from None
+            raise self.error
+        return self.hexdigest
 
 
 def sha256_of(path: Path) -> str:
@@ -274,11 +286,13 @@ def _non_utf8_string(message) -> str | None:
     return None
 
 
-def read_model(path, check_weights: bool = True, weights: WeightStore | None = None) -> onnx.ModelProto:
+def read_model(path, check_weights: bool = True, weights: WeightStore | None = None,
+               scan=None) -> onnx.ModelProto:
     """Parse and check an ONNX file (never writing to it); external data is read from its folder only.
     check_weights=False leaves the weights' values to the caller (load_model checks them in its store).
     weights: a store that keeps the file's large weights as memory maps of the file, never read into the
-    protobuf (the model returned holds placeholders for them)."""
+    protobuf (the model returned holds placeholders for them). scan: called with the [(name, offset, length,
+    dtype)] of those weights, which it then checks for NaN itself (load_model: while hashing the file)."""
     path = Path(path)
     if not path.is_file():
         raise SaliencyError(f"{path}: no such model file")
@@ -335,33 +349,64 @@ def read_model(path, check_weights: bool = True, weights: WeightStore | None = N
         onnx.checker.check_model(skeleton(model))
     except Exception as err:
         raise SaliencyError(f"{path}: invalid ONNX model: {str(err) or type(err).__name__}") from err  # one line
+    ranges = []
     for index, (offset, length) in found.items():
         t = model.graph.initializer[index]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-        _check_file_values(path, t.name, offset, length, dtype)
-        model.graph.initializer[index].CopyFrom(weights.put_file(t.name, path, offset, dtype, t.dims, t.name))
+        ranges.append((t.name, offset, length, onnx.helper.tensor_dtype_to_np_dtype(t.data_type)))
+        model.graph.initializer[index].CopyFrom(weights.put_file(t.name, path, offset, ranges[-1][3], t.dims,
+                                                                 t.name))
+    if scan is not None:
+        scan(ranges)
+    else:
+        _scan_file(path, ranges, None)
     if check_weights:
         _check_weights(model, path)
     return model
 
 
-def _check_file_values(path: Path, name: str, offset: int, length: int, dtype) -> None:
-    """Refuse NaN in a weight read from the file in chunks (through the page cache, not a mapping of ours)."""
-    dtype = np.dtype(dtype)
-    if dtype.kind != "f":
+_BLOCK = 16 << 20
+
+
+def _scan_file(path: Path, ranges, digest) -> None:
+    """One sequential read of `path`: every block updates `digest` (a hashlib object, or None: then only the
+    weights' bytes are read) and the float weights among `ranges` [(name, offset, length, dtype)] are checked
+    for NaN (read through the page cache, never through a mapping of ours that would stay resident). Blocks end
+    on a value boundary of the weight they end in, so no value is split. Raises SaliencyError naming the weight."""
+    floats = sorted(((name, offset, length, np.dtype(dtype)) for name, offset, length, dtype in ranges
+                     if np.dtype(dtype).kind == "f"), key=lambda r: r[1])
+    if digest is None and not floats:
         return
-    chunk = (64 << 20) // dtype.itemsize * dtype.itemsize
-    bad = 0
+    bad: dict[str, int] = {}
     with open(path, "rb") as f:
-        f.seek(offset)
-        left = length
-        while left > 0:
-            values = np.frombuffer(f.read(min(chunk, left)), dtype)
-            left -= values.nbytes
-            if not np.isfinite(values.sum(dtype=np.float64)):
-                bad += int(np.isnan(values).sum())
-    if bad:
-        raise SaliencyError(f"{path}: weight {name!r} contains NaN ({bad} of {length // dtype.itemsize} values)")
+        pos = 0 if digest is not None else floats[0][1]
+        end = None if digest is not None else max(o + n for _, o, n, _ in floats)
+        f.seek(pos)
+        k = 0
+        while end is None or pos < end:
+            stop = pos + _BLOCK if end is None else min(pos + _BLOCK, end)
+            inside = next((r for r in floats[k:] if r[1] < stop < r[1] + r[2]), None)
+            if inside is not None:
+                stop -= (stop - inside[1]) % inside[3].itemsize
+            block = f.read(stop - pos)
+            if not block:
+                break
+            if digest is not None:
+                digest.update(block)
+            stop = pos + len(block)
+            while k < len(floats) and floats[k][1] + floats[k][2] <= pos:
+                k += 1
+            for name, offset, length, dtype in floats[k:]:
+                if offset >= stop:
+                    break
+                lo, hi = max(offset, pos), min(offset + length, stop)
+                values = np.frombuffer(block, dtype, (hi - lo) // dtype.itemsize, lo - pos)
+                if not np.isfinite(values.sum(dtype=np.float64)):
+                    bad[name] = bad.get(name, 0) + int(np.isnan(values).sum())
+            pos = stop
+    for name, offset, length, dtype in floats:
+        if bad.get(name):
+            raise SaliencyError(f"{path}: weight {name!r} contains NaN ({bad[name]} of {length // dtype.itemsize} "
+                                "values)")
 
 
 def _find_image_input(model: onnx.ModelProto, path: Path):
@@ -418,11 +463,20 @@ def release_freed_memory() -> None:
 def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     """fuse_affine: also fold bias Adds, MatMul heads and per-channel scale/shift into their layers (audits)."""
     path = Path(path)
-    digest = _hash_in_background(path)
+    scan = _FileScan(path)
     # from here on every large weight is held once, in `weights`; the graphs hold placeholders for them, so
     # canonicalisation and every rewrite after it copy and serialise structure only
     weights = WeightStore()
-    model = read_model(path, check_weights=False, weights=weights)
+    try:
+        return _load_read_model(path, read_model(path, check_weights=False, weights=weights, scan=scan.start),
+                                weights, scan, fuse_affine)
+    except Exception:
+        if scan.thread is not None:
+            scan.result()  # a NaN weight (or unreadable file) is the error to report, whatever failed after it
+        raise
+
+
+def _load_read_model(path: Path, model, weights: WeightStore, scan: "_FileScan", fuse_affine: bool) -> LoadedModel:
     _check_weights(model, path, below=STORE_MIN_ELEMENTS)
     try:
         original = externalize(model, weights, STORE_MIN_ELEMENTS)
@@ -455,7 +509,7 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     cdims = _find_image_input(canonical, path).type.tensor_type.shape.dim
     static = [d.dim_value if d.HasField("dim_value") else None for d in cdims]
     metadata = {p.key: p.value for p in original.metadata_props}
-    return LoadedModel(path=path, sha256=digest(), original=original, canonical=canonical, report=report,
+    return LoadedModel(path=path, sha256=scan.result(), original=original, canonical=canonical, report=report,
                        input_name=image.name, layout=layout, input_hw=(static[2], static[3]),
                        channels=static[1] or 3, output_name=output_name, score_tensor=score, num_classes=classes,
                        metadata=metadata, labels=labels_from_metadata(metadata), batch=static[0] or None,
