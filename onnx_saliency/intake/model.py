@@ -19,7 +19,7 @@ from graph_passes._graph import (STORE_MIN_ELEMENTS, WeightStore, externalize, g
 from graph_passes.precision import HALF
 
 from ..errors import SaliencyError, UnsupportedModelError
-from ..guard import note_input
+from ..guard import file_identity, note_input
 from ..ort_logging import quiet_onnxruntime
 from .preprocess import Preprocessing, labels_from_metadata
 
@@ -76,20 +76,27 @@ class _FileScan:
     numpy's sum and file reads release the GIL: on two cores a 500 MB model's scan costs no wall time beside
     canonicalising it). result() waits, and raises what the scan found."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, digests=None):
         self.path = path
+        self.digests = digests  # engine.cache.FileDigests: a file scanned before is not read again
         self.thread = None
         self.error: BaseException | None = None
-        self.hexdigest: str | None = None
+        self.hexdigest: str | None = digests.get(path) if digests is not None else None
 
     def start(self, ranges) -> None:
         import threading
 
+        if self.hexdigest is not None:  # this very file was hashed and found NaN-free before
+            return
+
         def work():
             try:
+                identity = _identity(self.path)  # before reading: a write meanwhile changes it
                 digest = hashlib.sha256()
                 _scan_file(self.path, ranges, digest)
                 self.hexdigest = digest.hexdigest()
+                if self.digests is not None and identity is not None:
+                    self.digests.put(self.path, identity, self.hexdigest)
             except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread by result()
                 self.error = err
 
@@ -97,14 +104,21 @@ class _FileScan:
         self.thread.start()
 
     def result(self) -> str:
-        if self.thread is None:  # read_model never got as far as the weights
-            return sha256_of(self.path)
+        if self.thread is None:  # remembered, or read_model never got as far as the weights
+            return self.hexdigest or sha256_of(self.path)
         self.thread.join()
         if self.error is not None:
             if isinstance(self.error, OSError):
                 raise SaliencyError(f"{self.path}: cannot read ({self.error.strerror or self.error})") from None
             raise self.error
         return self.hexdigest
+
+
+def _identity(path: Path):
+    try:
+        return file_identity(path)
+    except OSError:
+        return None
 
 
 def sha256_of(path: Path) -> str:
@@ -460,10 +474,11 @@ def release_freed_memory() -> None:
         pass
 
 
-def load_model(path, fuse_affine: bool = False) -> LoadedModel:
-    """fuse_affine: also fold bias Adds, MatMul heads and per-channel scale/shift into their layers (audits)."""
+def load_model(path, fuse_affine: bool = False, digests=None) -> LoadedModel:
+    """fuse_affine: also fold bias Adds, MatMul heads and per-channel scale/shift into their layers (audits).
+    digests: an engine.cache.FileDigests remembering the sha256 (and clean NaN check) of files read before."""
     path = Path(path)
-    scan = _FileScan(path)
+    scan = _FileScan(path, digests)
     # from here on every large weight is held once, in `weights`; the graphs hold placeholders for them, so
     # canonicalisation and every rewrite after it copy and serialise structure only
     weights = WeightStore()
