@@ -12,6 +12,10 @@ Safety: an entry is written to a per-process temporary name in the same folder a
 whichever came last. On load the payload's hash and the key text are checked: a corrupt, truncated or foreign
 file is deleted and the graph rebuilt, never trusted. The folder is kept under ``max_bytes`` by deleting the
 least recently used entries (a hit touches its file's modification time).
+
+Beside each rewritten graph the cache keeps onnxruntime's optimisation of it (``.optimized`` entries, checked
+the same way, each with a ``.weights`` file trusted by its file identity: see engine.optimized and
+load_optimized), and, in ``digests/``, the sha256 of model files by their identity (FileDigests).
 """
 
 from __future__ import annotations
@@ -144,8 +148,10 @@ class GraphCache:
 
     # --- onnxruntime's optimised graphs (engine.optimized) -------------------------------------------------
     def load_optimized(self, key) -> tuple[bytes, Path] | None:
-        """(optimised graph, its weight file) saved for `key`, or None; a weight file that changed since it was
-        written is hashed, and a mismatch deletes the entry (never trusted)."""
+        """(optimised graph, its weight file) saved for `key`, or None. The entry is checked by hash like every
+        entry; its weight file (written once under a name of its own, never rewritten) by its identity: any write
+        to it, even of the same bytes, changes its change time, and the entry is deleted and rebuilt (never
+        trusted; hashing it on every run would cost as much as what the entry saves)."""
         import json
 
         data = self.load(key, OPTIMIZED_SUFFIX)
@@ -155,7 +161,7 @@ class GraphCache:
         try:
             meta = json.loads(head)
             weights = self.folder / meta["weights"]
-            same = file_identity(weights) == meta["identity"] or _sha256_file(weights) == meta["sha256"]
+            same = file_identity(weights) == meta["identity"]
         except (OSError, ValueError, KeyError, TypeError):
             same = False
         if not same:
@@ -168,16 +174,12 @@ class GraphCache:
                 if named is not None:
                     _unlink(self.folder / named)
             return None
-        self.optimized_hits += 1
-        try:
-            os.utime(weights)
-        except OSError:
-            pass
+        self.optimized_hits += 1  # (the entry's own time was touched by load: eviction keeps the pair by it)
         return graph, weights
 
-    def save_optimized(self, key, graph: bytes, weights: Path, sha256: str) -> None:
-        """Keep `graph` and its weight file (`sha256`: its hash, computed as it was written; moved into the
-        folder under a name of its own: a process that mapped an older one keeps reading that) for `key`."""
+    def save_optimized(self, key, graph: bytes, weights: Path) -> None:
+        """Keep `graph` and its weight file (moved into the folder under a name of its own: a process that
+        mapped an older one keeps reading that) for `key`."""
         import json
 
         entry = self._entry(key, OPTIMIZED_SUFFIX)
@@ -188,7 +190,7 @@ class GraphCache:
         replaced = _referenced_weights(entry[0])
         try:
             os.replace(weights, final)
-            meta = {"weights": final.name, "sha256": sha256, "identity": file_identity(final)}
+            meta = {"weights": final.name, "identity": file_identity(final)}
         except OSError:
             _unlink(final)
             return
@@ -209,14 +211,6 @@ def _referenced_weights(entry: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
     return name if isinstance(name, str) and "/" not in name and name.endswith(WEIGHTS_SUFFIX) else None
-
-
-def _sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _unpack(blob: bytes, text: bytes) -> bytes | None:
@@ -254,7 +248,11 @@ def entries(folder) -> list[tuple[Path, os.stat_result]]:
 def evict(folder, max_bytes: int, keep=()) -> int:
     """Delete least recently used entries until the folder holds at most `max_bytes` (never the files in
     `keep`); returns how many."""
-    found = sorted(entries(folder), key=lambda e: e[1].st_mtime_ns)
+    found = entries(folder)
+    used = {p.name[:-len(OPTIMIZED_SUFFIX)]: st.st_mtime_ns for p, st in found if p.suffix == OPTIMIZED_SUFFIX}
+    # a weight file is as recently used as its optimised graph's entry (loads touch only the entry)
+    found.sort(key=lambda e: used.get(e[0].name.split(".")[0], e[1].st_mtime_ns) if e[0].suffix == WEIGHTS_SUFFIX
+               else e[1].st_mtime_ns)
     total = sum(st.st_size for _, st in found)
     removed = 0
     for path, st in found:

@@ -9,7 +9,8 @@ What is saved: the optimised graph, and one weight file holding only the weights
 convolution weights, folded constants) or the rewrite derived. A weight it kept as it was, byte for byte (checked
 when saving), is a reference to the model's own weight instead, read from the model file as always: VGG-16's
 dense weights are not written again. The layout depends on the CPU (vector width) and the onnxruntime version,
-both in the cache key. The weight file is trusted by its sha256, checked again whenever its identity changed.
+both in the cache key. The weight file is trusted by its identity (any write to it changes it; see
+GraphCache.load_optimized).
 """
 
 from __future__ import annotations
@@ -111,18 +112,18 @@ def _save(source, key, graph: onnx.ModelProto, store: WeightStore, options) -> N
         del data
         saved = onnx.load(str(tmp / "m.onnx"), load_external_data=False)
         kept = tmp / "kept.bin"
-        digest = _relink(saved, tmp / "m.bin", kept, own, store)
-        source.save_optimized(cache_key(key), saved.SerializeToString(), kept, digest)
+        _relink(saved, tmp / "m.bin", kept, own, store)
+        source.save_optimized(cache_key(key), saved.SerializeToString(), kept)
     except Exception:  # noqa: BLE001 - a cache that cannot be written is only a slower next run
         pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _relink(saved: onnx.ModelProto, written: Path, kept: Path, own: dict, store: WeightStore) -> str:
+def _relink(saved: onnx.ModelProto, written: Path, kept: Path, own: dict, store: WeightStore) -> None:
     """Point every weight of `saved` that equals the model's own weight of the same name at that weight, in
     place; the others stay in a weight file at `kept`: `written` (onnxruntime's) itself when the relinked
-    weights are a small part of it, else a copy of only the others. Returns the sha256 of `kept`."""
+    weights are a small part of it, else a copy of only the others."""
     external = [t for t in saved.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     places = {}
     with open(written, "rb") as src:
@@ -136,11 +137,7 @@ def _relink(saved: onnx.ModelProto, written: Path, kept: Path, own: dict, store:
         del t.external_data[:]
         if t.name in relinked:
             t.external_data.add(key="location", value=MODEL_REF + own[t.name])
-    digest = hashlib.sha256()
     if sum(places[n][1] for n in relinked) * 4 < written.stat().st_size:  # keep onnxruntime's file as it is
-        with open(written, "rb") as src:
-            for block in iter(lambda: src.read(16 << 20), b""):
-                digest.update(block)
         written.replace(kept)
         moved = {n: places[n][0] for n in places}
     else:  # VGG-16: the dense weights are most of it
@@ -149,9 +146,7 @@ def _relink(saved: onnx.ModelProto, written: Path, kept: Path, own: dict, store:
             for t in external:
                 if t.name in relinked:
                     continue
-                pad = b"\0" * (-dst.tell() % _ALIGN)
-                dst.write(pad)
-                digest.update(pad)
+                dst.write(b"\0" * (-dst.tell() % _ALIGN))
                 moved[t.name] = dst.tell()
                 offset, length = places[t.name]
                 src.seek(offset)
@@ -160,14 +155,12 @@ def _relink(saved: onnx.ModelProto, written: Path, kept: Path, own: dict, store:
                     if not block:
                         raise OSError(f"{written}: short weight {t.name!r}")
                     dst.write(block)
-                    digest.update(block)
                     length -= len(block)
     for t in external:
         if t.name not in relinked:
             for k, v in (("location", WEIGHTS_REF), ("offset", str(moved[t.name])),
                          ("length", str(places[t.name][1]))):
                 t.external_data.add(key=k, value=v)
-    return digest.hexdigest()
 
 
 def _same_bytes(src, offset: int, length: int, store: WeightStore, key: str) -> bool:

@@ -101,15 +101,16 @@ class Engine:
             else:
                 proto = onnx.load_from_string(data)
             keys = placeholder_keys(proto)
-            if optimizing:  # onnxruntime optimises it a second time, for the next process, on the other core
-                from . import optimized
-
-                optimized.save_in_background(source, key, clone(proto), self.model.weights,
-                                             session_options(self.threads))
+            structure = clone(proto) if optimizing else None
             copied = copied_weight_bytes(proto, self.model.weights)
             sess, cost = self._new_session(key, proto, session_options(self.threads), copied)
             if built:  # the rewrite's transient copies and graph-surgeon's reference cycles
                 release_freed_memory()
+            if optimizing:  # onnxruntime optimises it again, for the next process, on the other core while this
+                from . import optimized  # one runs (not while it is built: their peaks would add up)
+
+                optimized.save_in_background(source, key, structure, self.model.weights,
+                                             session_options(self.threads))
             return self._keep(key, sess, cost, keys, build)
 
     def _new_session(self, key, proto: onnx.ModelProto, opts, copied: int, optimized: bool = True):
