@@ -18,6 +18,7 @@ import graph_passes as gp
 from cli.main import main
 from graph_passes._graph import placeholder_ref
 from onnx_saliency import Explainer
+from onnx_saliency.errors import SaliencyError
 from onnx_saliency.engine import cache as graph_cache
 from onnx_saliency.intake.model import load_model
 
@@ -309,3 +310,24 @@ def test_structure_is_read_without_the_large_weights_which_stay_in_the_file(tmp_
     loaded = load_model(path)
     assert set(loaded.weights.files) == {"fc1.w"}
     assert isinstance(loaded.weights.arrays["fc1.w"], np.memmap) and not loaded.weights.arrays["fc1.w"].flags.writeable
+    # the file is read once: its sha256 comes out of the same read as the check of the mapped weights' values
+    import hashlib
+
+    from onnx_saliency.intake import model as intake
+
+    assert loaded.sha256 == hashlib.sha256(raw).hexdigest()
+    small = intake._SCAN_CHUNK
+    try:
+        intake._SCAN_CHUNK = 4096  # many chunks: weights and the gaps between them split across reads
+        assert load_model(path).sha256 == loaded.sha256
+        fc1 = next(t for t in full.graph.initializer if t.name == "fc1.w")
+        values = numpy_helper.to_array(fc1).copy()
+        values[5, 1000:1003] = np.nan
+        values[60, -1] = np.nan
+        fc1.CopyFrom(numpy_helper.from_array(values, "fc1.w"))
+        onnx.save(full, str(tmp_path / "nan.onnx"))
+        with pytest.raises(SaliencyError) as err:
+            load_model(tmp_path / "nan.onnx")
+        assert str(err.value) == f"{tmp_path / 'nan.onnx'}: weight 'fc1.w' contains NaN (4 of {values.size} values)"
+    finally:
+        intake._SCAN_CHUNK = small
