@@ -73,21 +73,33 @@ _CHUNK = 1 << 16  # values per step of the constant check (one page of a file-ma
 
 
 class _Folded:
-    """A modified Conv weight spelled as nodes on the layer's stored initializer (Relu for w+, Min with 0 for
-    w-, and for the stride-1 transpose a Transpose and a flipping Slice), in the stored layout.
+    """A modified weight (w, w+, w-) spelled as nodes on the layer's stored initializer: Relu for w+, Min with 0
+    for w-; a Transpose for a dense layer's other orientation, a Transpose and a flipping Slice for a stride-1
+    Conv's transpose. onnxruntime folds them once, when it builds the session, into memory of its own.
 
-    onnxruntime folds these nodes once, when it builds the session, into the memory where its blocked (NCHWc)
-    Conv layout puts a copy of every Conv weight anyway; numpy never computes, hashes or holds the modified
-    weight (on ResNet-50 the weight store held 180 MB of W+ and flipped W+^T beside onnxruntime's own copies
-    of them). The values are exactly those weight() computes in float64 and the graph casts to float32."""
+    numpy never computes, hashes or holds the modified weight. The weight store's copy was pure overhead:
+    onnxruntime copies what it is handed as an external initializer (a 392 MiB MatMul weight: +401 MiB at
+    session creation, even with every optimisation off), and re-lays out Conv weights into its blocked (NCHWc)
+    format anyway. On ResNet-50 the store held 180 MB of W+ and flipped W+^T besides onnxruntime's copies; on
+    VGG-16 z+ made a float64 copy of fc6 (822 MB) on top. The values are exactly those weight() computes in
+    float64 and the graph casts to float32 (max / min with 0, transposes and flips are exact in both)."""
 
-    def __init__(self, name: str, shape: tuple, raw: np.ndarray, mod: str):
-        self.name, self.shape, self.raw, self.mod = name, tuple(shape), raw, mod
-        self.size = int(np.prod(self.shape))
-        self.ndim = len(self.shape)
+    def __init__(self, name: str, raw: np.ndarray, mod: str, stored_mk: bool = False):
+        self.name, self.raw, self.mod, self.stored_mk = name, raw, mod, stored_mk
+        self.shape, self.size, self.ndim = tuple(raw.shape), int(raw.size), raw.ndim
+        self._transposed = None
 
     def is_constant(self) -> bool:
         return _is_constant(self.raw, _FOLDABLE[self.mod])
+
+    def dense(self, b, transposed: bool) -> str:
+        """A dense layer's weight as (K, M), or as (M, K) when `transposed` (`raw` is (K, M); the stored
+        initializer is (M, K) where stored_mk)."""
+        if transposed == self.stored_mk:
+            return self.name
+        if self._transposed is None:
+            self._transposed = b.add("Transpose", [self.name], perm=[1, 0])
+        return self._transposed
 
 
 def _is_constant(w: np.ndarray, f=lambda v: v) -> bool:
@@ -199,19 +211,21 @@ class _Linear:
         return v.astype(np.float64)
 
     def graph_weight(self, mod: str, gamma: float):
-        """weight(mod) for emission: a _Folded weight where onnxruntime can compute it exactly from the stored
-        one (a Conv weight, no fused tail, float32, w / w+ / w-), else the numpy array weight() computes."""
-        if (self.node.op_type == "Conv" and mod in _FOLDABLE and not self._fused
-                and self._raw.dtype == np.float32):
-            if mod not in self._folded:
-                name = self.node.input[1]
-                if mod == "w+":
-                    name = self.b.add("Relu", [name])
-                elif mod == "w-":
-                    name = self.b.add("Min", [name, self.b.const(0.0)])
-                self._folded[mod] = _Folded(name, self._raw.shape, self._raw, mod)
-            return self._folded[mod]
-        return self.weight(mod, gamma)
+        """weight(mod) for emission: a _Folded weight where it is exactly the stored weight under w / w+ / w- (a
+        Conv or dense layer, no fused tail, alpha 1, float32), else the numpy array weight() computes."""
+        op = self.node.op_type
+        dense = op in ("Gemm", "MatMul") and self._alpha in (None, 1.0)
+        if mod not in _FOLDABLE or self._fused or self._raw.dtype != np.float32 or not (dense or op == "Conv"):
+            return self.weight(mod, gamma)
+        if mod not in self._folded:
+            name = self.node.input[1]
+            if mod == "w+":
+                name = self.b.add("Relu", [name])
+            elif mod == "w-":
+                name = self.b.add("Min", [name, self.b.const(0.0)])
+            stored_mk = op == "Gemm" and bool(attrs(self.node).get("transB", 0))
+            self._folded[mod] = _Folded(name, self._raw, mod, stored_mk)
+        return self._folded[mod]
 
     def weight(self, mod: str, gamma: float) -> np.ndarray:
         if mod == "ones":  # the shape is all it needs: no float64 copy of the weight
@@ -238,7 +252,7 @@ class _Linear:
         if node.op_type in ("Conv", "ConvTranspose"):
             ins = [inp, _weight_input(b, w)] + ([b.const(bias)] if bias is not None else [])
             return b.add(node.op_type, ins, **{k: v for k, v in attrs(node).items()})
-        y = b.add("MatMul", [inp, b.const(w)])
+        y = b.add("MatMul", [inp, w.dense(b, False) if isinstance(w, _Folded) else b.const(w)])
         return b.add("Add", [y, b.const(bias)]) if bias is not None else y
 
     def transpose(self, s: str, w: np.ndarray, kind: str = "") -> str:
@@ -282,6 +296,8 @@ class _Linear:
             # the unmodified weight is already an initializer: Gemm reads it transposed instead of a copy
             name, trans_b = self.original_weight
             return b.add("Gemm", [s, name], transB=trans_b)
+        if isinstance(w, _Folded):
+            return b.add("MatMul", [s, w.dense(b, True)])
         return b.add("MatMul", [s, b.const(np.ascontiguousarray(w.T))])
 
 
