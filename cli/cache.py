@@ -37,6 +37,8 @@ def cache_info(cache_dir):
     found = info(folder)
     click.echo(f"cache        {found['folder']}")
     click.echo(f"entries      {found['entries']}")
+    click.echo(f"optimized    {found['optimized']} onnxruntime-optimised graph(s), {found['weight_files']} weight "
+               "file(s)")
     click.echo(f"size         {mib(found['bytes'])} (bound {mib(DEFAULT_MAX_BYTES)}, least recently used evicted)")
 
 

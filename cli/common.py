@@ -205,12 +205,17 @@ def with_model_options(fn):
     return fn
 
 
-def explainer_from_options(model, preset, resize, crop, resize_mode, labels, provider, threads):
+def explainer_from_options(model, preset, resize, crop, resize_mode, labels, provider, threads, check=True,
+                           cache=None):
+    """The Explainer for the model options; `check`: load the model in onnxruntime now, so a model it refuses
+    fails before any image is read (explain passes False: its first method's session fails the same way,
+    before anything is written, without building a session the run does not use). cache: Explainer's."""
     from onnx_saliency import Explainer
 
     ex = Explainer(model, preset=preset, provider=provider, threads=threads, labels=labels,
-                   resize=resize, crop=crop, resize_mode=resize_mode)
-    ex.check_session()
+                   resize=resize, crop=crop, resize_mode=resize_mode, cache=cache)
+    if check:
+        ex.check_session()
     return ex
 
 

@@ -100,9 +100,8 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     if rule_map is not None and not Path(rule_map).exists():  # a FIFO or folder: refused when read
         raise SaliencyError(f"--rule-map {rule_map}: no such file")
     options = method_options(option_pairs, method_objs, composite=composite, rule_map=rule_map)
-    ex = explainer_from_options(model, **model_kw)
-    if no_cache or cache_dir is not None:
-        ex.use_cache(False if no_cache else cache_dir)
+    ex = explainer_from_options(model, **model_kw, check=engine == "ray",  # Ray: checked before actors start
+                                cache=False if no_cache else cache_dir)
     speak_up(ex, inputs, model, quiet)
     ex.engine.memory_budget = budget
     if composite is not None or rule_map is not None:

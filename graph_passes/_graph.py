@@ -166,6 +166,7 @@ class WeightStore:
         for k in keys:
             self.arrays.pop(k, None)
             self._ortvalues.pop(k, None)
+            self.files.pop(k, None)
         self.memo = {d: k for d, k in self.memo.items() if k not in keys}
 
     def put_file(self, name: str, path, offset: int, dtype, shape, key: str) -> onnx.TensorProto:
@@ -275,34 +276,70 @@ def store_for(t: onnx.TensorProto, ref, fallback) -> WeightStore:
     return store
 
 
-def ort_model(model: onnx.ModelProto, options, fallback: WeightStore | None = None) -> tuple[bytes, int]:
+def ort_model(model: onnx.ModelProto, options, fallback: WeightStore | None = None,
+              optimized: bool = True) -> tuple[bytes, list]:
     """`model` serialised for an onnxruntime session made with SessionOptions `options`, its placeholders
     resolved without copying a weight on our side: weights mapped from a file become external-data references
-    to that file (onnxruntime maps it as well), the others shared OrtValues. Edits `model` in place (pass a
-    graph of your own). Returns the bytes and the weights' size."""
-    from pathlib import Path
-
-    names, values, nbytes, folder = [], [], 0, None
+    to that file (onnxruntime maps it as well), the others OrtValues of the store's arrays. How those are handed
+    over depends on `optimized` (whether the session's graph optimisation is on): onnxruntime's optimisers read
+    an initializer's data from the graph, so there they go as add_external_initializers (onnxruntime 1.32 copies
+    them into the session); a session with optimisation off gets them as shared initializers (add_initializer:
+    the array's memory itself, measured: no copy). Edits `model` in place (pass a graph of your own). Returns the
+    bytes and the OrtValues, which must live as long as the session (their arrays stay in the store; Engine
+    also keeps them with the session, for a store entry dropped before it)."""
+    # onnxruntime reads external data from one folder: the one holding most of the mapped bytes (the model's,
+    # beside a cache folder's weight file); weights mapped from elsewhere are shared as arrays (their maps)
+    mapped: dict = {}
+    for t in model.graph.initializer:
+        ref = placeholder_ref(t)
+        if ref is not None and (file := store_for(t, ref, fallback).files.get(ref[1])) is not None:
+            mapped.setdefault(file[0].parent, [0, file[0].name])[0] += file[2]
+    folder = max(mapped, key=lambda f: mapped[f][0]) if mapped else None
+    shared = []
     for t in model.graph.initializer:
         ref = placeholder_ref(t)
         if ref is None:
             continue
         store = store_for(t, ref, fallback)
-        nbytes += store.arrays[ref[1]].nbytes
         file = store.files.get(ref[1])
-        if file is not None and folder in (None, file[0].parent):
-            folder = file[0].parent
+        if file is not None and file[0].parent == folder:
             del t.external_data[:]
             for k, v in (("location", file[0].name), ("offset", str(file[1])), ("length", str(file[2]))):
                 t.external_data.add(key=k, value=v)
-            continue
-        names.append(t.name)
-        values.append(store.ortvalue(ref[1]))
+        else:
+            shared.append((t, store.ortvalue(ref[1])))
+    if shared and optimized:
+        options.add_external_initializers([t.name for t, _ in shared], [value for _, value in shared])
+    elif shared:
+        # onnxruntime checks that an initializer's external file exists before it takes the shared value
+        # instead: any file of the folder serves (it is never read)
+        anchor = (folder, mapped[folder][1]) if folder is not None else _anchor_file()
+        folder = anchor[0]
+        for t, value in shared:
+            del t.external_data[:]
+            t.external_data.add(key="location", value=anchor[1])
+            options.add_initializer(t.name, value)
     if folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    if names:
-        options.add_external_initializers(names, values)
-    return model.SerializeToString(), nbytes
+    return model.SerializeToString(), [value for _, value in shared]
+
+
+_ANCHOR: list = []
+
+
+def _anchor_file():
+    """(folder, name) of an empty file of this process's, for graphs whose weights are all shared arrays."""
+    if not _ANCHOR:
+        import atexit
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        folder = Path(tempfile.mkdtemp(prefix="onnx-saliency-"))
+        (folder / "shared-weights").touch()
+        atexit.register(shutil.rmtree, folder, True)
+        _ANCHOR.append((folder, "shared-weights"))
+    return _ANCHOR[0]
 
 
 def is_file_backed(t: onnx.TensorProto) -> bool:
@@ -313,25 +350,6 @@ def is_file_backed(t: onnx.TensorProto) -> bool:
 
 def placeholder_keys(model: onnx.ModelProto) -> set[str]:
     return {ref[1] for t in model.graph.initializer if (ref := placeholder_ref(t)) is not None}
-
-
-def external_initializers(model: onnx.ModelProto, fallback: WeightStore | None = None) -> tuple[list, list, int]:
-    """(names, OrtValues, their bytes) for SessionOptions.add_external_initializers: every placeholder of
-    `model`. `fallback` resolves keys of a store this process never had (a graph cached by another process)."""
-    names, values, nbytes = [], [], 0
-    for t in model.graph.initializer:
-        ref = placeholder_ref(t)
-        if ref is None:
-            continue
-        store = _STORES.get(ref[0])
-        if store is None or ref[1] not in store.arrays:
-            store = fallback
-        if store is None or ref[1] not in store.arrays:
-            raise GraphPassError(f"weight {t.name!r} refers to a weight store that is gone ({ref[0]}/{ref[1]})")
-        names.append(t.name)
-        values.append(store.ortvalue(ref[1]))
-        nbytes += store.arrays[ref[1]].nbytes
-    return names, values, nbytes
 
 
 def checked(model: onnx.ModelProto, pass_name: str) -> onnx.ModelProto:

@@ -126,7 +126,7 @@ def _run(model, inputs, infos, wanted, batches) -> list[dict] | None:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # one run: build it fast
     opts.add_session_config_entry("session.disable_prepacking", "1")  # and read the weights where they lie
     try:
-        data, _ = ort_model(probe, opts)  # weights held in a store: mapped or shared, not copied
+        data, _ = ort_model(probe, opts, optimized=False)  # weights mapped or shared, not copied
         sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         results = []
         for batch in batches:

@@ -18,5 +18,9 @@ class UnsupportedModelError(SaliencyError):
     """The model uses ops or structures we cannot differentiate or propagate through."""
 
 
+class ModelLoadError(UnsupportedModelError):
+    """onnxruntime cannot load the model itself: every method would fail alike, so a run stops at once."""
+
+
 class NumericalError(SaliencyError):
     """NaN/Inf appeared in inputs, activations, gradients or relevance."""

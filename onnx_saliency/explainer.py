@@ -27,10 +27,14 @@ class Explainer:
                  labels=None, fuse_affine: bool = False, cache=None, **preprocessing_overrides):
         """cache: a folder for rewritten graphs (engine.cache), None for the default ($ONNX_SALIENCY_CACHE, else
         the user's cache folder), False for none."""
+        from .engine.cache import FileDigests, default_cache_dir
+
         check_threads(threads)
-        self.model: LoadedModel = load_model(path, fuse_affine=fuse_affine)
+        folder = default_cache_dir() if cache is None else cache
+        digests = None if folder is False or folder is None else FileDigests(folder)
+        self.model: LoadedModel = load_model(path, fuse_affine=fuse_affine, digests=digests)
         self.engine = Engine(self.model, provider=provider, threads=threads)
-        self.use_cache(cache)
+        self.use_cache(folder if folder is not None else False)
         pre = self.model.preprocessing()
         self.preprocessing: Preprocessing = pre.with_overrides(preset=preset, **preprocessing_overrides)
         # what was chosen for the user without a word from them or the model: said on stderr and in sidecars

@@ -12,6 +12,13 @@ import stat
 _READ: dict[tuple[int, int], str] = {}
 
 
+def file_identity(path) -> list[int]:
+    """Device, inode, size, modification and change times (ns) of `path`: equal means the same unchanged file
+    (any write moves the change time, which no user call can set back)."""
+    st = os.stat(os.fspath(path))
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def note_input(path) -> None:
     """Remember `path` (a file this run reads) as never to be written over."""
     try:

@@ -18,7 +18,6 @@ import graph_passes as gp
 from cli.main import main
 from graph_passes._graph import placeholder_ref
 from onnx_saliency import Explainer
-from onnx_saliency.errors import SaliencyError
 from onnx_saliency.engine import cache as graph_cache
 from onnx_saliency.intake.model import load_model
 
@@ -157,6 +156,8 @@ def _maps(ex, x, methods):
 
 
 def test_cache_hit_on_second_run_rebuilt_when_corrupt_and_maps_identical(tmp_path):
+    from onnx_saliency.engine import optimized
+
     path = small_classifier(tmp_path / "m.onnx")
     folder = tmp_path / "cache"
     x = np.random.default_rng(2).random((2, 3, 16, 16), dtype=np.float32)
@@ -165,53 +166,106 @@ def test_cache_hit_on_second_run_rebuilt_when_corrupt_and_maps_identical(tmp_pat
 
     first = Explainer(path, cache=folder)
     cold = _maps(first, x, methods)
+    optimized.wait_for_savers()
     assert first.engine.graph_source.hits == 0
     files = sorted(folder.glob("*" + graph_cache.SUFFIX))
-    assert len(files) == len(methods)
+    saved = sorted(folder.glob("*" + graph_cache.OPTIMIZED_SUFFIX))
+    assert len(files) == len(saved) == len(methods)  # each rewritten graph, and onnxruntime's optimisation of it
+    assert len(list(folder.glob("*" + graph_cache.WEIGHTS_SUFFIX))) == len(methods)
+
+    def counted(ex):  # the keys of the graphs the engine rewrites (every method's sessions come through here)
+        built = []
+        real = ex.engine.session
+
+        def counting(key, build):
+            return real(key, lambda c: built.append(key) or build(c))
+
+        ex.engine.session = counting
+        return built
 
     second = Explainer(path, cache=folder)
-    built = []
-    real = second.engine.graph
-
-    def counting(*a, **k):
-        key, build = real(*a, **k)
-        return key, lambda c: built.append(key) or build(c)
-
-    second.engine.graph = counting
+    built = counted(second)
     warm = _maps(second, x, methods)
-    assert second.engine.graph_source.hits == len(methods)
-    assert built == []  # nothing was rewritten: every graph came from the cache
+    assert second.engine.graph_source.optimized_hits == second.engine.graph_source.hits == len(methods)
+    assert built == []  # nothing was rewritten (or optimised): every session came from the cache
     for m in methods:
         np.testing.assert_array_equal(cold[m], reference[m])
         np.testing.assert_array_equal(warm[m], reference[m])
 
-    # a corrupted entry (one flipped byte) and a foreign one (another entry's bytes) are rebuilt, never used
-    blob = bytearray(files[0].read_bytes())
-    blob[-10] ^= 0xFF
-    files[0].write_bytes(bytes(blob))
-    files[1].write_bytes(files[2].read_bytes())
+    # corrupted entries (one flipped byte) and a foreign one (another entry's bytes) are rebuilt, never used:
+    # onnxruntime's optimised graphs (their sessions then come from the rewritten graphs), then, with no
+    # optimised graph left, the rewritten ones
+    def corrupt(kind):
+        blob = bytearray(kind[0].read_bytes())
+        blob[-10] ^= 0xFF
+        kind[0].write_bytes(bytes(blob))
+        kind[1].write_bytes(kind[2].read_bytes())
+
+    corrupt(saved)
     third = Explainer(path, cache=folder)
+    built = counted(third)
     again = _maps(third, x, methods)
-    assert third.engine.graph_source.rebuilt == 2 and third.engine.graph_source.hits == 1
+    optimized.wait_for_savers()
+    src = third.engine.graph_source
+    assert (src.rebuilt, src.optimized_hits, src.hits, built) == (2, 1, 3, [])
+    for m in methods:
+        np.testing.assert_array_equal(again[m], reference[m])
+    assert len(list(folder.glob("*" + graph_cache.OPTIMIZED_SUFFIX))) == len(methods)  # saved again
+    for f in folder.glob("*" + graph_cache.OPTIMIZED_SUFFIX):
+        f.unlink()
+    corrupt(files)
+    fourth = Explainer(path, cache=folder)
+    built = counted(fourth)
+    again = _maps(fourth, x, methods)
+    optimized.wait_for_savers()
+    src = fourth.engine.graph_source
+    assert (src.rebuilt, src.optimized_hits, src.hits, len(built)) == (2, 0, 1, 2)
     for m in methods:
         np.testing.assert_array_equal(again[m], reference[m])
     assert all(graph_cache._unpack(f.read_bytes(), b"") is None for f in files)  # sanity of the checker itself
-    assert len(list(folder.glob("*" + graph_cache.SUFFIX))) == len(methods)
+
+    # a changed weight file (same size, new contents) is hashed again and its entry rebuilt
+    Explainer(path, cache=folder).explain(x, method="lrp")
+    optimized.wait_for_savers()
+    named = [folder / graph_cache._referenced_weights(f) for f in folder.glob("*" + graph_cache.OPTIMIZED_SUFFIX)]
+    weights = max(named, key=lambda f: f.stat().st_size)
+    data = bytearray(weights.read_bytes())
+    assert data, "LRP's derived weights are in its weight file"
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    fifth = Explainer(path, cache=folder)
+    maps = fifth.explain(x, method="lrp").maps
+    assert fifth.engine.graph_source.rebuilt == 1 and fifth.engine.graph_source.optimized_hits == 0
+    np.testing.assert_array_equal(maps, reference["lrp"])
+    optimized.wait_for_savers()
 
 
 def test_cache_is_keyed_by_model_and_bounded(tmp_path):
+    from onnx_saliency.engine import optimized
+
     a = small_classifier(tmp_path / "a.onnx")
     b = big_classifier(tmp_path / "b.onnx", features=1024, hidden=65)
     folder = tmp_path / "cache"
     x = np.random.default_rng(3).random((1, 3, 16, 16), dtype=np.float32)
+
+    def files():
+        optimized.wait_for_savers()
+        return {f.name: f.stat().st_size for f in folder.iterdir() if f.is_file()}
+
     Explainer(a, cache=folder).explain(x, method="gradcam")
+    of_a = files()
     ex_b = Explainer(b, cache=folder)
     ex_b.explain(x, method="gradcam")
     assert ex_b.engine.graph_source.hits == 0 and len(list(folder.glob("*.graph"))) == 2
-    one = max(f.stat().st_size for f in folder.glob("*.graph"))
-    ex_b.use_cache(folder, max_bytes=one + 1)
+    assert len(list(folder.glob("*.optimized"))) == 2
+    before = files()
+    bound = int(sum(before.values()) * 0.6)
+    ex_b.use_cache(folder, max_bytes=bound)
     ex_b.explain(x, method="gradient")
-    assert len(list(folder.glob("*.graph"))) == 1  # least recently used evicted to stay within the bound
+    after = files()
+    assert sum(after.values()) <= bound  # least recently used evicted to stay within the bound
+    assert not set(of_a) & set(after)  # the oldest (model a's) went first
+    assert set(after) - set(before)  # what the last run wrote is kept
 
 
 def test_two_processes_writing_at_once_leave_one_valid_entry(tmp_path):
@@ -272,15 +326,19 @@ def test_cache_cli_info_and_clear(tmp_path):
     res = runner.invoke(main, ["explain", str(path), str(images), "--out", str(tmp_path / "o1"), "-m", "gradcam",
                                "--cache-dir", str(folder), "--preset", "torchvision", "-q"])
     assert res.exit_code == 0, res.output
+    from onnx_saliency.engine.optimized import wait_for_savers
+
+    wait_for_savers()  # onnxruntime's optimised graph is written on a thread of its own
     res = runner.invoke(main, ["cache", "info", "--cache-dir", str(folder)])
-    assert res.exit_code == 0 and "entries      1" in res.output
+    assert res.exit_code == 0 and "entries      1\n" in res.output
+    assert "optimized    1 onnxruntime-optimised graph(s), 1 weight file(s)" in res.output
     res = runner.invoke(main, ["explain", str(path), str(images), "--out", str(tmp_path / "o2"), "-m", "gradcam",
                                "--no-cache", "--preset", "torchvision", "-q"])
     assert res.exit_code == 0, res.output
     assert np.array_equal(np.load(tmp_path / "o1/a/gradcam.npy"), np.load(tmp_path / "o2/a/gradcam.npy"))
     res = runner.invoke(main, ["cache", "clear", "--cache-dir", str(folder)])
-    assert res.exit_code == 0 and "removed 1" in res.output
-    assert not list(folder.glob("*.graph"))
+    assert res.exit_code == 0 and "removed 2" in res.output
+    assert not [f for f in folder.iterdir() if f.is_file()]
 
 
 def test_suite_never_uses_the_user_cache():
@@ -309,24 +367,48 @@ def test_structure_is_read_without_the_large_weights_which_stay_in_the_file(tmp_
     loaded = load_model(path)
     assert set(loaded.weights.files) == {"fc1.w"}
     assert isinstance(loaded.weights.arrays["fc1.w"], np.memmap) and not loaded.weights.arrays["fc1.w"].flags.writeable
-    # the file is read once: its sha256 comes out of the same read as the check of the mapped weights' values
+
+
+def test_a_model_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    """The sha256 (and NaN check) of a model file is remembered by the file's identity in the cache folder: a
+    second load reads none of its weights; a rewrite (same bytes or not, same size) is read and hashed again."""
     import hashlib
 
-    from onnx_saliency.intake import model as intake
+    from onnx_saliency.errors import SaliencyError
+    from onnx_saliency.intake import model as model_module
 
-    assert loaded.sha256 == hashlib.sha256(raw).hexdigest()
-    small = intake._SCAN_CHUNK
-    try:
-        intake._SCAN_CHUNK = 4096  # many chunks: weights and the gaps between them split across reads
-        assert load_model(path).sha256 == loaded.sha256
-        fc1 = next(t for t in full.graph.initializer if t.name == "fc1.w")
-        values = numpy_helper.to_array(fc1).copy()
-        values[5, 1000:1003] = np.nan
-        values[60, -1] = np.nan
-        fc1.CopyFrom(numpy_helper.from_array(values, "fc1.w"))
-        onnx.save(full, str(tmp_path / "nan.onnx"))
-        with pytest.raises(SaliencyError) as err:
-            load_model(tmp_path / "nan.onnx")
-        assert str(err.value) == f"{tmp_path / 'nan.onnx'}: weight 'fc1.w' contains NaN (4 of {values.size} values)"
-    finally:
-        intake._SCAN_CHUNK = small
+    path = small_classifier(tmp_path / "m.onnx")
+    folder = tmp_path / "cache"
+    scans = []
+    real = model_module._scan_file
+    monkeypatch.setattr(model_module, "_scan_file", lambda *a: (scans.append(a[0]), real(*a))[1])
+
+    def sha():
+        return Explainer(path, cache=folder).model.sha256
+
+    sha()
+    assert sha() and len(scans) == 2  # written just now: not remembered (coarse file system timestamps)
+    monkeypatch.setattr(graph_cache, "RACY_SECONDS", 0)
+    scans.clear()
+    assert sha() == hashlib.sha256(path.read_bytes()).hexdigest() and len(scans) == 1
+    assert sha() == hashlib.sha256(path.read_bytes()).hexdigest() and len(scans) == 1  # remembered
+    assert len(Explainer(path, cache=False).model.sha256) == 64 and len(scans) == 2  # no cache: always read
+    path.write_bytes(path.read_bytes())  # the same bytes, written again: read again
+    assert sha() == hashlib.sha256(path.read_bytes()).hexdigest() and len(scans) == 3
+    m = onnx.load(str(path))
+    fc = next(t for t in m.graph.initializer if t.name == "fc1.w")
+    values = numpy_helper.to_array(fc).copy()
+    values[3, 5] = 0.5
+    fc.CopyFrom(numpy_helper.from_array(values, "fc1.w"))
+    size = path.stat().st_size
+    onnx.save(m, str(path))
+    assert path.stat().st_size == size  # other content, same size
+    assert sha() == hashlib.sha256(path.read_bytes()).hexdigest() and len(scans) == 4
+    values[7, 1] = np.nan
+    fc.CopyFrom(numpy_helper.from_array(values, "fc1.w"))
+    onnx.save(m, str(path))
+    with pytest.raises(SaliencyError, match="weight 'fc1.w' contains NaN"):
+        sha()
+    with pytest.raises(SaliencyError, match="weight 'fc1.w' contains NaN"):  # a failed check is not remembered
+        sha()
+    assert graph_cache.clear(folder) == 0 and not any((folder / graph_cache.DIGESTS).iterdir())

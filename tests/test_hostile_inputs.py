@@ -518,7 +518,7 @@ def test_an_unexpected_error_exits_3_in_one_line(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(Explainer, "check_session", boom)
+    monkeypatch.setattr(Explainer, "targets", boom)
     code, text, exc = _cli("explain", MODEL, IMAGES, "--out", tmp_path / "o")
     assert code == 3 and isinstance(exc, SystemExit), text
     assert text.strip().splitlines() == [

@@ -159,6 +159,54 @@ def test_nan_weights_are_refused_inf_allowed(tmp_path):
     assert str(err.value) == f"{tmp_path / 'nan.onnx'}: weight 'fc' contains NaN (3 of 32 values)"
 
 
+def _mapped_weights_model(path, nan_at=(), dtype=np.float32):
+    """x (1, 3, 8, 8) -> flatten -> two large dense weights (kept in the file, not parsed), NaN at flat indices
+    `nan_at` of the concatenated weights; returns the path."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((192, 160)).astype(dtype)  # 30720 values: above the store's threshold
+    w2 = rng.standard_normal((160, 131)).astype(dtype)  # odd sizes: values straddle any block size
+    flat = np.concatenate([w1.ravel(), w2.ravel()])
+    flat[list(nan_at)] = np.nan
+    w1, w2 = flat[:w1.size].reshape(w1.shape), flat[w1.size:].reshape(w2.shape)
+    t = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    g = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w1"], ["h"]),
+         helper.make_node("MatMul", ["h", "w2"], ["y"])], "m",
+        [helper.make_tensor_value_info("x", t, [1, 3, 8, 8])], [helper.make_tensor_value_info("y", t, [1, 131])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("block", [4099, 1 << 16, 16 << 20])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_one_read_hashes_the_file_and_finds_nan_in_mapped_weights(tmp_path, monkeypatch, block, dtype):
+    """load_model reads the file once, on a second thread: the sha256 of every byte and a NaN check of the
+    weights that stay in the file, with blocks of any size (values never split between two blocks)."""
+    import hashlib
+
+    from onnx_saliency.intake.wire import read_structure
+
+    monkeypatch.setattr(model_module, "_BLOCK", block)
+    clean = _mapped_weights_model(tmp_path / "clean.onnx", dtype=dtype)
+    assert len(read_structure(clean, model_module.STORE_MIN_ELEMENTS)[1]) == 2  # both weights stay in the file
+    assert load_model(clean).sha256 == hashlib.sha256(clean.read_bytes()).hexdigest()
+    n1 = 192 * 160
+    for at in ([0], [n1 - 1], [n1], [n1 + 160 * 131 - 1], [5, 1025, 1026, n1 + 7]):
+        path = _mapped_weights_model(tmp_path / f"nan{at[0]}.onnx", nan_at=at, dtype=dtype)
+        with pytest.raises(SaliencyError) as err:
+            load_model(path)
+        first = "w1" if at[0] < n1 else "w2"
+        count = sum(1 for i in at if (i < n1) == (first == "w1"))
+        total = n1 if first == "w1" else 160 * 131
+        assert str(err.value) == f"{path}: weight {first!r} contains NaN ({count} of {total} values)"
+        with pytest.raises(SaliencyError) as err:
+            read_model(path)  # the same check without hashing (only the weights' bytes are read)
+        assert f"weight {first!r} contains NaN ({count} of {total} values)" in str(err.value)
+
+
 def test_fuzzer_findings_are_clean_errors(tmp_path):
     """Two inputs atheris found that used to escape as UnicodeDecodeError and ValueError."""
     data = tiny_classifier(tmp_path / "t.onnx").read_bytes()

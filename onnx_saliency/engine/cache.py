@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 
+from ..guard import file_identity
+
 FORMAT = b"onnx-saliency-graph-cache/1"
 SUFFIX = ".graph"
+OPTIMIZED_SUFFIX = ".optimized"  # onnxruntime's optimised graphs (engine.optimized)
+WEIGHTS_SUFFIX = ".weights"  # their weight files
+SAVING_PREFIX = ".optimizing-"  # their temporary folders while onnxruntime writes them
 DEFAULT_MAX_BYTES = 2 << 30
 ENV = "ONNX_SALIENCY_CACHE"
 _OFF = {"", "0", "off", "none", "no", "false"}
@@ -84,16 +90,17 @@ class GraphCache:
         self.hits = 0
         self.misses = 0
         self.rebuilt = 0  # corrupt or foreign entries found and deleted
+        self.optimized_hits = 0  # of the hits, onnxruntime's optimised graphs (engine.optimized)
 
-    def _entry(self, key) -> tuple[Path, bytes] | None:
+    def _entry(self, key, suffix: str = SUFFIX) -> tuple[Path, bytes] | None:
         text = key_text(self.model_sha256, key)
         if text is None:
             return None
         name = hashlib.sha256(text.encode()).hexdigest()
-        return self.folder / f"{name}{SUFFIX}", text.encode()
+        return self.folder / f"{name}{suffix}", text.encode()
 
-    def load(self, key) -> bytes | None:
-        entry = self._entry(key)
+    def load(self, key, suffix: str = SUFFIX) -> bytes | None:
+        entry = self._entry(key, suffix)
         if entry is None:
             return None
         path, text = entry
@@ -114,8 +121,10 @@ class GraphCache:
             pass
         return data
 
-    def save(self, key, data: bytes) -> None:
-        entry = self._entry(key)
+    def save(self, key, data: bytes, suffix: str = SUFFIX, keep=None) -> None:
+        """Write the entry for `key` (atomically), then evict down to the bound, never this entry (nor `keep`,
+        a file that belongs with it)."""
+        entry = self._entry(key, suffix)
         if entry is None:
             return
         path, text = entry
@@ -130,7 +139,84 @@ class GraphCache:
         except OSError:  # a cache that cannot be written is only a slower run
             _unlink(locals().get("tmp"))
             return
-        evict(self.folder, self.max_bytes, keep=path)
+        evict(self.folder, self.max_bytes, keep={path, keep})
+
+
+    # --- onnxruntime's optimised graphs (engine.optimized) -------------------------------------------------
+    def load_optimized(self, key) -> tuple[bytes, Path] | None:
+        """(optimised graph, its weight file) saved for `key`, or None; a weight file that changed since it was
+        written is hashed, and a mismatch deletes the entry (never trusted)."""
+        import json
+
+        data = self.load(key, OPTIMIZED_SUFFIX)
+        if data is None:
+            return None
+        head, _, graph = data.partition(b"\n")
+        try:
+            meta = json.loads(head)
+            weights = self.folder / meta["weights"]
+            same = file_identity(weights) == meta["identity"] or _sha256_file(weights) == meta["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if not same:
+            self.rebuilt += 1
+            self.hits -= 1
+            entry = self._entry(key, OPTIMIZED_SUFFIX)
+            if entry is not None:
+                named = _referenced_weights(entry[0])
+                _unlink(entry[0])
+                if named is not None:
+                    _unlink(self.folder / named)
+            return None
+        self.optimized_hits += 1
+        try:
+            os.utime(weights)
+        except OSError:
+            pass
+        return graph, weights
+
+    def save_optimized(self, key, graph: bytes, weights: Path, sha256: str) -> None:
+        """Keep `graph` and its weight file (`sha256`: its hash, computed as it was written; moved into the
+        folder under a name of its own: a process that mapped an older one keeps reading that) for `key`."""
+        import json
+
+        entry = self._entry(key, OPTIMIZED_SUFFIX)
+        if entry is None:
+            return
+        stem = entry[0].name[:-len(OPTIMIZED_SUFFIX)]
+        final = self.folder / f"{stem}.{uuid.uuid4().hex[:8]}{WEIGHTS_SUFFIX}"
+        replaced = _referenced_weights(entry[0])
+        try:
+            os.replace(weights, final)
+            meta = {"weights": final.name, "sha256": sha256, "identity": file_identity(final)}
+        except OSError:
+            _unlink(final)
+            return
+        self.save(key, json.dumps(meta).encode() + b"\n" + graph, OPTIMIZED_SUFFIX, keep=final)
+        if replaced is not None and replaced != final.name:  # the entry this one replaced: its weights go too
+            _unlink(self.folder / replaced)
+
+
+def _referenced_weights(entry: Path) -> str | None:
+    """The weight file an optimised-graph entry names (None when there is none or it is unreadable); a
+    concurrent save may leave the other's file unreferenced, which eviction removes in time."""
+    import json
+
+    try:
+        with open(entry, "rb") as f:
+            parts = [f.readline() for _ in range(4)]
+        name = json.loads(parts[3])["weights"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return name if isinstance(name, str) and "/" not in name and name.endswith(WEIGHTS_SUFFIX) else None
+
+
+def _sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _unpack(blob: bytes, text: bytes) -> bytes | None:
@@ -157,7 +243,7 @@ def entries(folder) -> list[tuple[Path, os.stat_result]]:
     if not folder.is_dir():
         return out
     for path in folder.iterdir():
-        if path.suffix == SUFFIX and not path.name.startswith("."):
+        if path.suffix in (SUFFIX, OPTIMIZED_SUFFIX, WEIGHTS_SUFFIX) and not path.name.startswith("."):
             try:
                 out.append((path, path.stat()))
             except OSError:  # deleted by another process meanwhile
@@ -165,15 +251,16 @@ def entries(folder) -> list[tuple[Path, os.stat_result]]:
     return out
 
 
-def evict(folder, max_bytes: int, keep=None) -> int:
-    """Delete least recently used entries until the folder holds at most `max_bytes`; returns how many."""
+def evict(folder, max_bytes: int, keep=()) -> int:
+    """Delete least recently used entries until the folder holds at most `max_bytes` (never the files in
+    `keep`); returns how many."""
     found = sorted(entries(folder), key=lambda e: e[1].st_mtime_ns)
     total = sum(st.st_size for _, st in found)
     removed = 0
     for path, st in found:
         if total <= max_bytes:
             break
-        if keep is not None and path == keep:
+        if path in keep:
             continue
         _unlink(path)
         total -= st.st_size
@@ -181,19 +268,77 @@ def evict(folder, max_bytes: int, keep=None) -> int:
     return removed
 
 
+# --- model file digests, remembered by file identity ---------------------------------------------------------
+# Hashing a model costs a read of every byte (0.08 s per 100 MB here) on every run. A file whose device, inode,
+# size, modification and change times (nanoseconds) are those recorded after hashing it holds the same bytes:
+# any write moves its change time, which no user call can set back (git's index and ccache trust the same).
+# Then the recorded sha256, and the NaN check done with it, are reused without reading the file. A file
+# changed less than RACY_SECONDS before it was hashed is not remembered: on file systems with coarse
+# timestamps a second write within that time could leave every field equal (git's "racily clean" entries).
+DIGESTS = "digests"
+RACY_SECONDS = 2.0
+
+
+class FileDigests:
+    """get(path) -> the sha256 recorded for this very file, or None; put(path, identity, sha256) records it."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder) / DIGESTS
+
+    def _entry(self, path) -> Path:
+        return self.folder / (hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32] + ".json")
+
+    def get(self, path) -> str | None:
+        import json
+
+        try:
+            record = json.loads(self._entry(path).read_text())
+            same = record["path"] == str(Path(path).resolve()) and record["identity"] == file_identity(path)
+            digest = record["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return digest if same and isinstance(digest, str) and len(digest) == 64 else None
+
+    def put(self, path, identity: list[int], digest: str) -> None:
+        """Record `digest` for the file as it was when `identity` was taken (before reading it)."""
+        import json
+        import time
+
+        if time.time_ns() - max(identity[3], identity[4]) < RACY_SECONDS * 1e9:
+            return
+        entry = self._entry(path)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(json.dumps({"path": str(Path(path).resolve()), "identity": identity, "sha256": digest}))
+            os.replace(tmp, entry)
+        except OSError:  # not remembered: the next run hashes again
+            _unlink(locals().get("tmp"))
+
+
 def info(folder) -> dict:
+    """Rewritten graphs, onnxruntime's optimised graphs, their weight files, and the bytes of all."""
     found = entries(folder)
-    return {"folder": str(folder), "entries": len(found), "bytes": sum(st.st_size for _, st in found)}
+    return {"folder": str(folder), "entries": sum(1 for p, _ in found if p.suffix == SUFFIX),
+            "optimized": sum(1 for p, _ in found if p.suffix == OPTIMIZED_SUFFIX),
+            "weight_files": sum(1 for p, _ in found if p.suffix == WEIGHTS_SUFFIX),
+            "bytes": sum(st.st_size for _, st in found)}
 
 
 def clear(folder) -> int:
-    """Delete every entry (and stale temporary files); returns the number of entries deleted."""
+    """Delete every entry, weight file and remembered digest (and stale temporary files); returns the number of
+    graphs (rewritten and optimised) deleted."""
     folder = Path(folder)
     n = 0
     for path, _ in entries(folder):
         _unlink(path)
-        n += 1
+        n += path.suffix in (SUFFIX, OPTIMIZED_SUFFIX)
     if folder.is_dir():
         for path in folder.glob(f".*{SUFFIX}.*.tmp"):
+            _unlink(path)
+        for path in folder.glob(f"{SAVING_PREFIX}*"):  # saves of optimised graphs a killed process left
+            shutil.rmtree(path, ignore_errors=True)
+    if (folder / DIGESTS).is_dir():
+        for path in (folder / DIGESTS).iterdir():
             _unlink(path)
     return n

@@ -26,9 +26,10 @@ import numpy as np
 import onnx
 
 import graph_passes as gp
-from graph_passes._graph import has_derived, materialize, ort_model, placeholder_keys, placeholder_ref, store_for
+from graph_passes._graph import (clone, has_derived, materialize, ort_model, placeholder_keys, placeholder_ref,
+                                 store_for)
 
-from ..errors import SaliencyError, UnsupportedModelError
+from ..errors import ModelLoadError, SaliencyError, UnsupportedModelError
 from ..intake.model import LoadedModel, release_freed_memory
 from .memory import DEFAULT_MEMORY_BUDGET, FORWARD_SHARE, activation_bytes
 from .numerics import check_finite, first_nonfinite_node
@@ -84,8 +85,13 @@ class Engine:
                 return self._sessions[key]
             ort = import_onnxruntime()
             source = self.graph_source
+            optimizing = self.provider == "cpu" and hasattr(source, "load_optimized")
+            found = self._optimized_session(key, build, source) if optimizing else None
+            if found is not None:
+                return found
             data = source.load(key) if source is not None else None
-            if data is None:
+            built = data is None
+            if built:
                 proto = build(self.model.canonical)
                 data = proto.SerializeToString()
                 if source is not None:
@@ -95,37 +101,98 @@ class Engine:
             else:
                 proto = onnx.load_from_string(data)
             keys = placeholder_keys(proto)
-            opts = session_options(self.threads)
+            if optimizing:  # onnxruntime optimises it a second time, for the next process, on the other core
+                from . import optimized
+
+                optimized.save_in_background(source, key, clone(proto), self.model.weights,
+                                             session_options(self.threads))
             copied = copied_weight_bytes(proto, self.model.weights)
-            data, _ = ort_model(proto, opts, self.model.weights)
-            cost = len(data) + copied
-            del proto
-            self._evict_for(cost)
-            try:
-                sess = ort.InferenceSession(data, opts, providers=self._providers)
-            except Exception as err:  # onnxruntime's Fail, InvalidGraph, NotImplemented...: one line
-                raise UnsupportedModelError(f"{self.model.path.name}: onnxruntime cannot load "
-                                            f"{'the model' if key == PLAIN_KEY else f'its {key[0]} graph'} "
-                                            f"({ort_message(err)})") from None
+            sess, cost = self._new_session(key, proto, session_options(self.threads), copied)
+            if built:  # the rewrite's transient copies and graph-surgeon's reference cycles
+                release_freed_memory()
+            return self._keep(key, sess, cost, keys, build)
+
+    def _new_session(self, key, proto: onnx.ModelProto, opts, copied: int, optimized: bool = True):
+        """A session of `proto` (edited: its placeholders resolved), room made for it; (session, its cost).
+        optimized=False: `opts` turn graph optimisation off (then no weight is copied, see ort_model)."""
+        ort = import_onnxruntime()
+        data, shared = ort_model(proto, opts, self.model.weights, optimized=optimized)
+        cost = len(data) + copied
+        del proto
+        self._evict_for(cost)
+        try:
+            sess = ort.InferenceSession(data, opts, providers=self._providers)
+        except Exception as err:  # onnxruntime's Fail, InvalidGraph, NotImplemented...: one line
             del data
-            release_freed_memory()
-            rebuild = functools.partial(build, self.model.canonical)
-            self._sessions[key] = (sess, [o.name for o in sess.get_outputs()], rebuild)
-            self.session_bytes[key] = cost
-            self._weight_keys[key] = keys
-            return self._sessions[key]
+            raise self._load_error(key, err) from None
+        sess.shared_weights = shared  # onnxruntime reads their memory: alive as long as the session
+        return sess, cost
+
+    def _keep(self, key, sess, cost: int, keys: set, build):
+        rebuild = functools.partial(build, self.model.canonical)
+        self._sessions[key] = (sess, [o.name for o in sess.get_outputs()], rebuild)
+        self.session_bytes[key] = cost
+        self._weight_keys[key] = keys
+        return self._sessions[key]
+
+    def _optimized_session(self, key, build, source):
+        """The session of onnxruntime's optimised graph for `key` saved in the cache by an earlier process
+        (engine.optimized), made with optimisation off; None when there is none or it does not load."""
+        from . import optimized
+
+        hit = source.load_optimized(optimized.cache_key(key))
+        if hit is None:
+            return None
+        graph, weights_file = hit
+        ort = import_onnxruntime()
+        try:
+            proto = optimized.load(onnx.load_from_string(graph), weights_file, self.model.weights,
+                                   weights_file.stem)
+        except Exception:  # noqa: BLE001 - an entry this process cannot use (a weight it lacks) is rebuilt
+            return None
+        keys = placeholder_keys(proto)
+        own = sum(self.model.weights.arrays[k].nbytes for k in keys if k.startswith("derived/optimized/"))
+        opts = session_options(self.threads)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done when it was saved
+        try:
+            sess, cost = self._new_session(key, proto, opts, own, optimized=False)
+        except UnsupportedModelError:
+            self.model.weights.drop(keys)
+            return None
+        return self._keep(key, sess, cost, keys, build)
+
+    def _load_error(self, key: tuple, err: Exception) -> UnsupportedModelError:
+        """The error for a graph onnxruntime refused: ModelLoadError when the model itself does not load
+        (then every method fails alike and a run stops; tried on this failure path only, so a run never
+        builds a session it does not use), else an error for this graph alone."""
+        name = self.model.path.name
+        model_fails = key == PLAIN_KEY
+        if not model_fails:
+            try:
+                ort = import_onnxruntime()
+                opts = session_options(self.threads)
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                data, _ = ort_model(clone(self.model.canonical), opts, self.model.weights)
+                ort.InferenceSession(data, opts, providers=self._providers)
+            except Exception as plain:  # noqa: BLE001 - onnxruntime's errors have no common base
+                model_fails, err = True, plain
+        if model_fails:
+            return ModelLoadError(f"{name}: onnxruntime cannot load the model ({ort_message(err)})")
+        return UnsupportedModelError(f"{name}: onnxruntime cannot load its {key[0]} graph ({ort_message(err)})")
 
     def _own_weight(self, key: str) -> bool:
         return self.model.weights is not None and key in self.model.weights.arrays and not key.startswith("derived/")
 
     def _evict_for(self, cost: int) -> None:
         """Drop least recently used sessions until `cost` more bytes fit the memory budget (or none is left)."""
+        evicted = self.evictions
         while self._sessions and sum(self.session_bytes.values()) + cost > self.memory_budget:
             old, _ = self._sessions.popitem(last=False)
             self.session_bytes.pop(old, None)
             self._forget_weights(old)
             self.evictions += 1
-        release_freed_memory()
+        if self.evictions > evicted:
+            release_freed_memory()
 
     def _forget_weights(self, key) -> None:
         """Derived weights only the dropped session `key` used leave the store with it."""

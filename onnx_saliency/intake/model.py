@@ -19,7 +19,7 @@ from graph_passes._graph import (STORE_MIN_ELEMENTS, WeightStore, externalize, g
 from graph_passes.precision import HALF
 
 from ..errors import SaliencyError, UnsupportedModelError
-from ..guard import note_input
+from ..guard import file_identity, note_input
 from ..ort_logging import quiet_onnxruntime
 from .preprocess import Preprocessing, labels_from_metadata
 
@@ -69,6 +69,56 @@ class LoadedModel:
         k = self.known
         return Preprocessing(preset=k["preset"], resize=k.get("resize"), crop=k.get("crop"),
                              resize_mode=k.get("resize_mode", "shorter"), layout="NCHW")
+
+
+class _FileScan:
+    """sha256 of a model file and the NaN check of its mapped weights, in one read on a second thread (hashlib,
+    numpy's sum and file reads release the GIL: on two cores a 500 MB model's scan costs no wall time beside
+    canonicalising it). result() waits, and raises what the scan found."""
+
+    def __init__(self, path: Path, digests=None):
+        self.path = path
+        self.digests = digests  # engine.cache.FileDigests: a file scanned before is not read again
+        self.thread = None
+        self.error: BaseException | None = None
+        self.hexdigest: str | None = digests.get(path) if digests is not None else None
+
+    def start(self, ranges) -> None:
+        import threading
+
+        if self.hexdigest is not None:  # this very file was hashed and found NaN-free before
+            return
+
+        def work():
+            try:
+                identity = _identity(self.path)  # before reading: a write meanwhile changes it
+                digest = hashlib.sha256()
+                _scan_file(self.path, ranges, digest)
+                self.hexdigest = digest.hexdigest()
+                if self.digests is not None and identity is not None:
+                    self.digests.put(self.path, identity, self.hexdigest)
+            except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread by result()
+                self.error = err
+
+        self.thread = threading.Thread(target=work, daemon=True)
+        self.thread.start()
+
+    def result(self) -> str:
+        if self.thread is None:  # remembered, or read_model never got as far as the weights
+            return self.hexdigest or sha256_of(self.path)
+        self.thread.join()
+        if self.error is not None:
+            if isinstance(self.error, OSError):
+                raise SaliencyError(f"{self.path}: cannot read ({self.error.strerror or self.error})") from None
+            raise self.error
+        return self.hexdigest
+
+
+def _identity(path: Path):
+    try:
+        return file_identity(path)
+    except OSError:
+        return None
 
 
 def sha256_of(path: Path) -> str:
@@ -251,12 +301,12 @@ def _non_utf8_string(message) -> str | None:
 
 
 def read_model(path, check_weights: bool = True, weights: WeightStore | None = None,
-               digest: list | None = None) -> onnx.ModelProto:
+               scan=None) -> onnx.ModelProto:
     """Parse and check an ONNX file (never writing to it); external data is read from its folder only.
     check_weights=False leaves the weights' values to the caller (load_model checks them in its store).
     weights: a store that keeps the file's large weights as memory maps of the file, never read into the
-    protobuf (the model returned holds placeholders for them). digest: a list that receives the file's sha256,
-    computed in the same read as the check of the mapped weights' values, where there are such weights."""
+    protobuf (the model returned holds placeholders for them). scan: called with the [(name, offset, length,
+    dtype)] of those weights, which it then checks for NaN itself (load_model: while hashing the file)."""
     path = Path(path)
     if not path.is_file():
         raise SaliencyError(f"{path}: no such model file")
@@ -313,65 +363,64 @@ def read_model(path, check_weights: bool = True, weights: WeightStore | None = N
         onnx.checker.check_model(skeleton(model))
     except Exception as err:
         raise SaliencyError(f"{path}: invalid ONNX model: {str(err) or type(err).__name__}") from err  # one line
-    mapped = [(offset, length, onnx.helper.tensor_dtype_to_np_dtype(model.graph.initializer[index].data_type),
-               model.graph.initializer[index].name) for index, (offset, length) in found.items()]
-    if mapped:
-        sha = _scan_file(path, mapped)
-        if digest is not None:
-            digest.append(sha)
-    for (index, _), (offset, _, dtype, name) in zip(found.items(), mapped):
+    ranges = []
+    for index, (offset, length) in found.items():
         t = model.graph.initializer[index]
-        model.graph.initializer[index].CopyFrom(weights.put_file(name, path, offset, dtype, t.dims, name))
+        ranges.append((t.name, offset, length, onnx.helper.tensor_dtype_to_np_dtype(t.data_type)))
+        model.graph.initializer[index].CopyFrom(weights.put_file(t.name, path, offset, ranges[-1][3], t.dims,
+                                                                 t.name))
+    if scan is not None:
+        scan(ranges)
+    else:
+        _scan_file(path, ranges, None)
     if check_weights:
         _check_weights(model, path)
     return model
 
 
-_SCAN_CHUNK = 8 << 20
+_BLOCK = 16 << 20
 
 
-def _scan_file(path: Path, weights: list) -> str:
-    """The file's sha256, and NaN refused in the weights at (offset, length, dtype, name), in one sequential read
-    through one reused buffer (through the page cache, not a mapping of ours). Reading the file once instead of
-    twice (the check, then the hash) into fresh buffers each time saves a third of loading VGG-16 (0.3 s)."""
-    h = hashlib.sha256()
-    view = memoryview(bytearray(_SCAN_CHUNK))
-    pos = 0
+def _scan_file(path: Path, ranges, digest) -> None:
+    """One sequential read of `path`: every block updates `digest` (a hashlib object, or None: then only the
+    weights' bytes are read) and the float weights among `ranges` [(name, offset, length, dtype)] are checked
+    for NaN (read through the page cache, never through a mapping of ours that would stay resident). Blocks end
+    on a value boundary of the weight they end in, so no value is split. Raises SaliencyError naming the weight."""
+    floats = sorted(((name, offset, length, np.dtype(dtype)) for name, offset, length, dtype in ranges
+                     if np.dtype(dtype).kind == "f"), key=lambda r: r[1])
+    if digest is None and not floats:
+        return
+    bad: dict[str, int] = {}
     with open(path, "rb") as f:
-        def read(n: int) -> memoryview:
-            got = 0
-            while got < n:
-                k = f.readinto(view[got:n])
-                if not k:
+        pos = 0 if digest is not None else floats[0][1]
+        end = None if digest is not None else max(o + n for _, o, n, _ in floats)
+        f.seek(pos)
+        k = 0
+        while end is None or pos < end:
+            stop = pos + _BLOCK if end is None else min(pos + _BLOCK, end)
+            inside = next((r for r in floats[k:] if r[1] < stop < r[1] + r[2]), None)
+            if inside is not None:
+                stop -= (stop - inside[1]) % inside[3].itemsize
+            block = f.read(stop - pos)
+            if not block:
+                break
+            if digest is not None:
+                digest.update(block)
+            stop = pos + len(block)
+            while k < len(floats) and floats[k][1] + floats[k][2] <= pos:
+                k += 1
+            for name, offset, length, dtype in floats[k:]:
+                if offset >= stop:
                     break
-                got += k
-            h.update(view[:got])
-            return view[:got]
-
-        for offset, length, dtype, name in sorted(weights, key=lambda w: w[0]):
-            if offset < pos:  # overlapping ranges cannot come from one protobuf; read this one on its own
-                raise SaliencyError(f"{path}: weight {name!r} overlaps another one in the file")
-            while pos < offset:
-                pos += len(read(min(_SCAN_CHUNK, offset - pos)))
-            dtype = np.dtype(dtype)
-            step = _SCAN_CHUNK // dtype.itemsize * dtype.itemsize
-            left, bad = length, 0
-            while left > 0:
-                data = read(min(step, left))
-                if not len(data):
-                    break
-                left -= len(data)
-                pos += len(data)
-                if dtype.kind == "f":
-                    values = np.frombuffer(data, dtype)
-                    if not np.isfinite(values.sum(dtype=np.float64)):
-                        bad += int(np.isnan(values).sum())
-            if bad:
-                raise SaliencyError(f"{path}: weight {name!r} contains NaN ({bad} of {length // dtype.itemsize} "
-                                    "values)")
-        while len(read(_SCAN_CHUNK)):
-            pass
-    return h.hexdigest()
+                lo, hi = max(offset, pos), min(offset + length, stop)
+                values = np.frombuffer(block, dtype, (hi - lo) // dtype.itemsize, lo - pos)
+                if not np.isfinite(values.sum(dtype=np.float64)):
+                    bad[name] = bad.get(name, 0) + int(np.isnan(values).sum())
+            pos = stop
+    for name, offset, length, dtype in floats:
+        if bad.get(name):
+            raise SaliencyError(f"{path}: weight {name!r} contains NaN ({bad[name]} of {length // dtype.itemsize} "
+                                "values)")
 
 
 def _find_image_input(model: onnx.ModelProto, path: Path):
@@ -425,14 +474,24 @@ def release_freed_memory() -> None:
         pass
 
 
-def load_model(path, fuse_affine: bool = False) -> LoadedModel:
-    """fuse_affine: also fold bias Adds, MatMul heads and per-channel scale/shift into their layers (audits)."""
+def load_model(path, fuse_affine: bool = False, digests=None) -> LoadedModel:
+    """fuse_affine: also fold bias Adds, MatMul heads and per-channel scale/shift into their layers (audits).
+    digests: an engine.cache.FileDigests remembering the sha256 (and clean NaN check) of files read before."""
     path = Path(path)
+    scan = _FileScan(path, digests)
     # from here on every large weight is held once, in `weights`; the graphs hold placeholders for them, so
     # canonicalisation and every rewrite after it copy and serialise structure only
     weights = WeightStore()
-    digest: list = []
-    model = read_model(path, check_weights=False, weights=weights, digest=digest)
+    try:
+        return _load_read_model(path, read_model(path, check_weights=False, weights=weights, scan=scan.start),
+                                weights, scan, fuse_affine)
+    except Exception:
+        if scan.thread is not None:
+            scan.result()  # a NaN weight (or unreadable file) is the error to report, whatever failed after it
+        raise
+
+
+def _load_read_model(path: Path, model, weights: WeightStore, scan: "_FileScan", fuse_affine: bool) -> LoadedModel:
     _check_weights(model, path, below=STORE_MIN_ELEMENTS)
     try:
         original = externalize(model, weights, STORE_MIN_ELEMENTS)
@@ -465,7 +524,7 @@ def load_model(path, fuse_affine: bool = False) -> LoadedModel:
     cdims = _find_image_input(canonical, path).type.tensor_type.shape.dim
     static = [d.dim_value if d.HasField("dim_value") else None for d in cdims]
     metadata = {p.key: p.value for p in original.metadata_props}
-    return LoadedModel(path=path, sha256=digest[0] if digest else sha256_of(path), original=original, canonical=canonical, report=report,
+    return LoadedModel(path=path, sha256=scan.result(), original=original, canonical=canonical, report=report,
                        input_name=image.name, layout=layout, input_hw=(static[2], static[3]),
                        channels=static[1] or 3, output_name=output_name, score_tensor=score, num_classes=classes,
                        metadata=metadata, labels=labels_from_metadata(metadata), batch=static[0] or None,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NumericalError, SaliencyError
+from ..errors import ModelLoadError, NumericalError, SaliencyError
 from ..intake.preprocess import MAX_PIXELS, load_image
 from .sidecar import outputs_complete, write_image_outputs
 
@@ -182,6 +182,8 @@ def _explain_group(explainer, method, group, pictures, layer, targets, batch_siz
 
     try:
         return [(method, group, run(group))]
+    except ModelLoadError:  # onnxruntime cannot load the model: every method fails alike, the run stops
+        raise
     except (NumericalError, MemoryError) as err:
         if len(group) == 1:
             fail(group[0], method_error(err))
