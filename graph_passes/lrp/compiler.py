@@ -118,12 +118,12 @@ def _weight_input(b, w) -> str:
     return w.name if isinstance(w, _Folded) else b.const(w)
 
 
-def _flipped_transpose(b, w: _Folded, group: int) -> str:
-    """The stride-1 transposed Conv's kernel as nodes: per group, (M/g, C/g, k...) -> (C/g, M/g, k...) with every
-    spatial axis reversed (what transpose() computes in numpy for a weight it holds)."""
-    m, cg = w.shape[:2]
-    k = list(w.shape[2:])
-    t = w.name
+def _flipped_transpose(b, name: str, shape: tuple, group: int) -> str:
+    """The stride-1 transposed Conv's kernel as nodes on the kernel `name` (shaped `shape`), folded by
+    onnxruntime: per group, (M/g, C/g, k...) -> (C/g, M/g, k...) with every spatial axis reversed."""
+    m, cg = shape[:2]
+    k = list(shape[2:])
+    t = name
     if group > 1:
         t = b.add("Reshape", [t, b.const([group, m // group, cg] + k, np.int64)])
     lead = 1 if group > 1 else 0
@@ -279,13 +279,8 @@ class _Linear:
             if all(st == 1 for st in strides) and all(0 <= p <= k - 1 for p, k in zip(begins + ends, k_eff * 2)):
                 # stride 1: the transpose is a Conv with the flipped kernel, transposed per group and padded
                 # k_eff - 1 - pad; onnxruntime runs Conv several times faster than ConvTranspose (5x for 1x1)
-                if isinstance(w, _Folded):
-                    wt = _flipped_transpose(b, w, group)
-                else:
-                    m, cg = w.shape[:2]
-                    wt = w.reshape((group, m // group, cg) + w.shape[2:]).swapaxes(1, 2)
-                    wt = wt[(slice(None),) * 3 + (slice(None, None, -1),) * len(kernel)]
-                    wt = b.const(np.ascontiguousarray(wt.reshape((group * cg, m // group) + w.shape[2:])))
+                # a numpy weight (gamma, w^2, fused tails) is the forward's constant too: only it is stored
+                wt = _flipped_transpose(b, _weight_input(b, w), w.shape, group)
                 pads = [k - 1 - p for k, p in zip(k_eff, begins)] + [k - 1 - p for k, p in zip(k_eff, ends)]
                 return b.add("Conv", [s, wt], dilations=dil, pads=pads, group=group, kernel_shape=kernel)
             pads, out_pad = vjp_rules._transpose_geometry(xs, ys, kernel, strides, dil, begins, ends)
@@ -298,7 +293,7 @@ class _Linear:
             return b.add("Gemm", [s, name], transB=trans_b)
         if isinstance(w, _Folded):
             return b.add("MatMul", [s, w.dense(b, True)])
-        return b.add("MatMul", [s, b.const(np.ascontiguousarray(w.T))])
+        return b.add("MatMul", [s, b.add("Transpose", [b.const(w)], perm=[1, 0])])
 
 
 def _input_tensor(b, kind: str, x: str, rule: LRPRule, nonneg: bool, cache: dict) -> str | None:
