@@ -142,14 +142,13 @@ def test_weights_are_held_once_and_maps_match_the_materialized_graph(tmp_path):
     feeds = {"x": x, gp.TARGETS_INPUT: np.full(2, -1, np.int64)}
     for a, b in zip(full.run(names, feeds), sess.run(names, feeds)):
         np.testing.assert_array_equal(a, b)
-    # LRP's derived weights (z+ on the dense layers: W+) are computed into the store once, and every graph
-    # that derives the same weights shares them
+    # LRP's modified weights (z+: W+ of the conv and dense layers, their transposes) are nodes on the stored
+    # weights that onnxruntime folds into memory of its own (it copies what it is handed anyway): the store
+    # never holds them, however many graphs use them
     ex.explain(x, method="lrp", composite="zplus")
-    after_one = store.nbytes
-    assert after_one > own
     ex.explain(x, method="lrp", composite="zplus", init="one")  # another graph, the same modified weights
     assert len(ex.engine._sessions) >= 3
-    assert store.nbytes == after_one
+    assert store.nbytes == own
 
 
 def _maps(ex, x, methods):
@@ -303,7 +302,7 @@ def test_session_lru_keeps_the_memory_budget(tmp_path):
     reference = {m: ref.explain(x, method=m).maps for m in methods}
     assert len(ref.engine._sessions) == len(methods)  # the default budget holds them all
     one = max(ref.engine.session_bytes.values())
-    ex.engine.memory_budget = int(one * 2.2)  # room for two of the largest sessions
+    ex.engine.memory_budget = int(one * 1.5)  # room for the largest session and the small ones, not two large
     for _ in range(2):
         for m in methods:
             np.testing.assert_array_equal(ex.explain(x, method=m).maps, reference[m])

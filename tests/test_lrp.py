@@ -297,6 +297,39 @@ def test_flat_rule_on_a_dense_layer():
     np.testing.assert_allclose(rel, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("composite, modified", [("zplus", "w1 w2 w3 w4 g1 g2"),
+                                                 ("epsilon-alpha2-beta1", "w1 w2 w3 w4"),
+                                                 ("epsilon-plus-flat", "w2 w3 w4")])
+def test_modified_weights_folded_by_onnxruntime_give_the_numpy_values_exactly(tmp_path, monkeypatch, composite,
+                                                                            modified):
+    """W+ / W- and the transposes (flipped for stride-1 convs, grouped and depthwise ones too) are nodes on the
+    stored weights, which onnxruntime folds: bit for bit the relevance of the same graph with the weights
+    computed in numpy (float64, cast to float32), and no modified weight is held in the graph or the store."""
+    model = built_graph(bias=True)
+    m = load_model(_save(model, tmp_path / "m.onnx"))
+    comp = lrp.get_composite(composite)
+    x = _x()
+    graph = lrp.build_relevance_graph(m.canonical, "logits", 5, ["x"], comp)
+    weights = set(modified.split())
+    assert {n.input[0] for n in graph.graph.node if n.op_type == "Relu"} & {"w1", "w2", "w3", "w4", "g1", "g2"} \
+        == weights  # W+ of the layers whose rule modifies the weight
+    assert {t.name for t in graph.graph.initializer} - {t.name for t in m.canonical.graph.initializer} <= {
+        t.name for t in graph.graph.initializer if t.ByteSize() < 4096}  # nothing weight-sized was added
+    monkeypatch.setattr(R.compiler._Linear, "graph_weight", lambda self, mod, gamma: self.weight(mod, gamma))
+    numpy_graph = lrp.build_relevance_graph(m.canonical, "logits", 5, ["x"], comp)
+    assert not any(n.op_type == "Relu" and n.input[0] in weights for n in numpy_graph.graph.node)
+    feeds = {"x": x, gp.TARGETS_INPUT: np.full(len(x), -1, np.int64)}
+    out = [gp.grad_name("x")]
+    folded, computed = (ort.InferenceSession(materialize(g).SerializeToString(), providers=["CPUExecutionProvider"])
+                        .run(out, feeds)[0] for g in (graph, numpy_graph))
+    np.testing.assert_array_equal(folded, computed)
+
+
+def _save(model, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
 # --- fused affine tails, gates -----------------------------------------------------------------------------
 
 def _run_graph(canonical, x, composite, init="logit"):

@@ -67,6 +67,79 @@ def _per_output_channel(op: str, w: np.ndarray, scale: np.ndarray, group: int) -
     return w * scale[None, :]
 
 
+# Exact float32 counterparts of weight()'s float64 modifiers (max/min with 0 and the identity are exact in both)
+_FOLDABLE = {"w": lambda w: w, "w+": lambda w: np.maximum(w, 0), "w-": lambda w: np.minimum(w, 0)}
+_CHUNK = 1 << 16  # values per step of the constant check (one page of a file-mapped weight first)
+
+
+class _Folded:
+    """A modified weight (w, w+, w-) spelled as nodes on the layer's stored initializer: Relu for w+, Min with 0
+    for w-; a Transpose for a dense layer's other orientation, a Transpose and a flipping Slice for a stride-1
+    Conv's transpose. onnxruntime folds them once, when it builds the session, into memory of its own.
+
+    numpy never computes, hashes or holds the modified weight. The weight store's copy was pure overhead:
+    onnxruntime copies what it is handed as an external initializer (a 392 MiB MatMul weight: +401 MiB at
+    session creation, even with every optimisation off), and re-lays out Conv weights into its blocked (NCHWc)
+    format anyway. On ResNet-50 the store held 180 MB of W+ and flipped W+^T besides onnxruntime's copies; on
+    VGG-16 z+ made a float64 copy of fc6 (822 MB) on top. The values are exactly those weight() computes in
+    float64 and the graph casts to float32 (max / min with 0, transposes and flips are exact in both)."""
+
+    def __init__(self, name: str, raw: np.ndarray, mod: str, stored_mk: bool = False):
+        self.name, self.raw, self.mod, self.stored_mk = name, raw, mod, stored_mk
+        self.shape, self.size, self.ndim = tuple(raw.shape), int(raw.size), raw.ndim
+        self._transposed = None
+
+    def is_constant(self) -> bool:
+        return _is_constant(self.raw, _FOLDABLE[self.mod])
+
+    def dense(self, b, transposed: bool) -> str:
+        """A dense layer's weight as (K, M), or as (M, K) when `transposed` (`raw` is (K, M); the stored
+        initializer is (M, K) where stored_mk)."""
+        if transposed == self.stored_mk:
+            return self.name
+        if self._transposed is None:
+            self._transposed = b.add("Transpose", [self.name], perm=[1, 0])
+        return self._transposed
+
+
+def _is_constant(w: np.ndarray, f=lambda v: v) -> bool:
+    """np.all(f(w) == f(w).flat[0]), chunk by chunk: a weight that varies is told after its first chunk, so
+    neither a weight-sized temporary is made nor a file-mapped weight read into memory (VGG-16's 400 MB fc6
+    was, for the flat rule's check; only that rule's weights are constant)."""
+    flat = np.ravel(w, order="K")  # in memory order: a view, also of a transposed weight (all-equal has no order)
+    first = f(flat[:1])[0]
+    for start in range(0, flat.size, _CHUNK):
+        if not np.all(f(flat[start:start + _CHUNK]) == first):
+            return False
+    return True
+
+
+def _weight_input(b, w) -> str:
+    return w.name if isinstance(w, _Folded) else b.const(w)
+
+
+def _flipped_transpose(b, name: str, shape: tuple, group: int) -> str:
+    """The stride-1 transposed Conv's kernel as nodes on the kernel `name` (shaped `shape`), folded by
+    onnxruntime: per group, (M/g, C/g, k...) -> (C/g, M/g, k...) with every spatial axis reversed."""
+    m, cg = shape[:2]
+    k = list(shape[2:])
+    t = name
+    if group > 1:
+        t = b.add("Reshape", [t, b.const([group, m // group, cg] + k, np.int64)])
+    lead = 1 if group > 1 else 0
+    perm = list(range(lead + 2 + len(k)))
+    perm[lead], perm[lead + 1] = perm[lead + 1], perm[lead]
+    t = b.add("Transpose", [t], perm=perm)
+    flip = [lead + 2 + i for i, d in enumerate(k) if d > 1]
+    if flip:
+        n = len(flip)
+        t = b.add("Slice", [t, b.const([-1] * n, np.int64), b.const([np.iinfo(np.int64).min] * n, np.int64),
+                            b.const(flip, np.int64), b.const([-1] * n, np.int64)])
+    if group > 1:
+        t = b.add("Reshape", [t, b.const([group * cg, m // group] + k, np.int64)])
+    return t
+
+
 class _Linear:
     """Forward (modified weights) and transposed application of one Conv/ConvTranspose/Gemm/MatMul layer."""
 
@@ -110,7 +183,9 @@ class _Linear:
         self.original_weight = None
         if layer.kind == "dense" and not layer.tails and (op == "MatMul" or attrs(node).get("alpha", 1.0) == 1.0):
             self.original_weight = (node.input[1], 0 if op == "Gemm" and attrs(node).get("transB", 0) else 1)
-        if layer.tails and fuse_tails:
+        self._fused = bool(layer.tails and fuse_tails)
+        self._folded: dict = {}
+        if self._fused:
             self._w = _per_output_channel(op, self.w, scale, self.group)
             bias = (np.zeros(channels) if bias is None else bias) * scale + shift
         self.bias = bias
@@ -135,7 +210,26 @@ class _Linear:
             raise GraphPassError(f"{self.node.name} ({self.node.op_type}): LRP needs constant weights and bias")
         return v.astype(np.float64)
 
+    def graph_weight(self, mod: str, gamma: float):
+        """weight(mod) for emission: a _Folded weight where it is exactly the stored weight under w / w+ / w- (a
+        Conv or dense layer, no fused tail, alpha 1, float32), else the numpy array weight() computes."""
+        op = self.node.op_type
+        dense = op in ("Gemm", "MatMul") and self._alpha in (None, 1.0)
+        if mod not in _FOLDABLE or self._fused or self._raw.dtype != np.float32 or not (dense or op == "Conv"):
+            return self.weight(mod, gamma)
+        if mod not in self._folded:
+            name = self.node.input[1]
+            if mod == "w+":
+                name = self.b.add("Relu", [name])
+            elif mod == "w-":
+                name = self.b.add("Min", [name, self.b.const(0.0)])
+            stored_mk = op == "Gemm" and bool(attrs(self.node).get("transB", 0))
+            self._folded[mod] = _Folded(name, self._raw, mod, stored_mk)
+        return self._folded[mod]
+
     def weight(self, mod: str, gamma: float) -> np.ndarray:
+        if mod == "ones":  # the shape is all it needs: no float64 copy of the weight
+            return np.ones(self._raw.shape)
         w = self.w
         return {"w": lambda: w, "w+": lambda: np.maximum(w, 0), "w-": lambda: np.minimum(w, 0),
                 "ones": lambda: np.ones_like(w), "w2": lambda: w * w,
@@ -156,9 +250,9 @@ class _Linear:
             channels = _channels(node.op_type, w, self.group)
             bias = (np.zeros(channels) if bias is None else bias) + shift
         if node.op_type in ("Conv", "ConvTranspose"):
-            ins = [inp, b.const(w)] + ([b.const(bias)] if bias is not None else [])
+            ins = [inp, _weight_input(b, w)] + ([b.const(bias)] if bias is not None else [])
             return b.add(node.op_type, ins, **{k: v for k, v in attrs(node).items()})
-        y = b.add("MatMul", [inp, b.const(w)])
+        y = b.add("MatMul", [inp, w.dense(b, False) if isinstance(w, _Folded) else b.const(w)])
         return b.add("Add", [y, b.const(bias)]) if bias is not None else y
 
     def transpose(self, s: str, w: np.ndarray, kind: str = "") -> str:
@@ -167,7 +261,9 @@ class _Linear:
         group = self.group
         if node.op_type == "ConvTranspose":
             return vjp_rules.conv_transpose_adjoint(b, node, s, b.const(w))
-        if group == 1 and w.size > 1 and np.all(w == w.flat[0]):
+        if isinstance(w, _Folded) and group == 1 and w.size > 1 and w.is_constant():
+            w = self.weight(w.mod, 0.0)  # the flat rule's kind of weight: the channel-sum path below, in numpy
+        if group == 1 and w.size > 1 and not isinstance(w, _Folded) and _is_constant(w):
             # a constant weight (flat rule): every output channel gets the same W^T s, which depends on s only
             # through its channel sum, so transpose that one channel (64x less work on a ResNet's first layer)
             if node.op_type == "Conv":  # a 1x1 Conv sums channels ~3x faster than ReduceSum in onnxruntime
@@ -183,21 +279,21 @@ class _Linear:
             if all(st == 1 for st in strides) and all(0 <= p <= k - 1 for p, k in zip(begins + ends, k_eff * 2)):
                 # stride 1: the transpose is a Conv with the flipped kernel, transposed per group and padded
                 # k_eff - 1 - pad; onnxruntime runs Conv several times faster than ConvTranspose (5x for 1x1)
-                m, cg = w.shape[:2]
-                wt = w.reshape((group, m // group, cg) + w.shape[2:]).swapaxes(1, 2)
-                wt = wt[(slice(None),) * 3 + (slice(None, None, -1),) * len(kernel)]
-                wt = np.ascontiguousarray(wt.reshape((group * cg, m // group) + w.shape[2:]))
+                # a numpy weight (gamma, w^2, fused tails) is the forward's constant too: only it is stored
+                wt = _flipped_transpose(b, _weight_input(b, w), w.shape, group)
                 pads = [k - 1 - p for k, p in zip(k_eff, begins)] + [k - 1 - p for k, p in zip(k_eff, ends)]
-                return b.add("Conv", [s, b.const(wt)], dilations=dil, pads=pads, group=group, kernel_shape=kernel)
+                return b.add("Conv", [s, wt], dilations=dil, pads=pads, group=group, kernel_shape=kernel)
             pads, out_pad = vjp_rules._transpose_geometry(xs, ys, kernel, strides, dil, begins, ends)
-            return b.add("ConvTranspose", [s, b.const(w)], strides=strides, dilations=dil, pads=pads,
+            return b.add("ConvTranspose", [s, _weight_input(b, w)], strides=strides, dilations=dil, pads=pads,
                          output_padding=out_pad, group=group, kernel_shape=kernel)
         shape = b.shape(node.output[0])  # s is shaped like the layer's output
         if kind == "w" and self.original_weight is not None and shape is not None and len(shape) == 2:
             # the unmodified weight is already an initializer: Gemm reads it transposed instead of a copy
             name, trans_b = self.original_weight
             return b.add("Gemm", [s, name], transB=trans_b)
-        return b.add("MatMul", [s, b.const(np.ascontiguousarray(w.T))])
+        if isinstance(w, _Folded):
+            return b.add("MatMul", [s, w.dense(b, True)])
+        return b.add("MatMul", [s, b.add("Transpose", [b.const(w)], perm=[1, 0])])
 
 
 def _input_tensor(b, kind: str, x: str, rule: LRPRule, nonneg: bool, cache: dict) -> str | None:
@@ -290,8 +386,8 @@ def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis, su
                     folded = folded or bool(shift)
                     key = (t.input, t.weight, t.bias, shift)
                     if key not in fwd:
-                        fwd[key] = lin.forward(inp, lin.weight(t.weight, rule.gamma), lin.biasv(t.bias, rule.gamma),
-                                               shift)
+                        fwd[key] = lin.forward(inp, lin.graph_weight(t.weight, rule.gamma),
+                                               lin.biasv(t.bias, rule.gamma), shift)
                     parts.append(fwd[key] if t.sign > 0 else b.add("Neg", [fwd[key]]))
                 if not parts:
                     continue
@@ -312,10 +408,11 @@ def _compile_linear(rule: LRPRule, layer: LinearLayer, analysis: LRPAnalysis, su
             if wkind == "w" and len(ss) == 1 and ss[0][0] == 1.0 and lin.original_weight is not None:
                 w = lin.unmodified_weight()  # transpose() reads the graph's own initializer: no float64 copy
             else:
-                w = lin.weight(wkind, rule.gamma)
+                w = lin.graph_weight(wkind, rule.gamma)
             if len(ss) == 1:  # a lone coefficient rides on the transposed weight
                 factor, s_sum = ss[0]
                 if factor != 1.0:
+                    w = lin.weight(wkind, rule.gamma) if isinstance(w, _Folded) else w
                     w, wkind = w * factor, f"{factor:g}*{wkind}"
             else:
                 s_sum = b.add("Sum", [st if f == 1.0 else b.add("Mul", [st, b.const(f)]) for f, st in ss])
