@@ -152,6 +152,7 @@ class Engine:
         except Exception:  # noqa: BLE001 - an entry this process cannot use (a weight it lacks) is rebuilt
             return None
         keys = placeholder_keys(proto)
+        # what onnxruntime made of the weights is mapped from the entry's weight file; nothing is copied
         own = sum(self.model.weights.arrays[k].nbytes for k in keys if k.startswith("derived/optimized/"))
         opts = session_options(self.threads)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done when it was saved
@@ -338,24 +339,37 @@ class Engine:
         return locate
 
 
-# Weights these ops read are used where they lie (mapped from the model file or shared OrtValues; pre-packing
-# is off, see providers.DISABLE_PREPACKING); onnxruntime's optimiser copies the others into new initializers
-# of the session (Conv weights reordered to its blocked layout, constant subgraphs folded).
+# Weights these ops read are used where they lie (mapped from the model file or shared; pre-packing is off, see
+# providers.DISABLE_PREPACKING); onnxruntime's optimiser copies the others into new initializers of the session
+# (Conv weights reordered to its blocked layout) and folds what is computed from weights alone (LRP's W+, W-
+# and flipped transposes are nodes on the stored weight: one new initializer each).
 _IN_PLACE_OPS = {"MatMul", "Gemm"}
+_SHAPE_OPS = {"Shape", "Size"}
 
 
-def copied_weight_bytes(model: onnx.ModelProto, fallback=None) -> int:
-    """About how many bytes of the weight store a session of `model` copies into memory of its own."""
-
-    copied = set()
-    for node in model.graph.node:
-        if node.op_type not in _IN_PLACE_OPS:
-            copied.update(node.input)
+def copied_weight_bytes(model: onnx.ModelProto, fallback=None, shared_copied: bool = True) -> int:
+    """About how many bytes of weights a session of `model` holds in memory of its own: weights not mapped from a
+    file when `shared_copied` (onnxruntime copies what add_external_initializers hands it), every folded
+    weight-only node's output, and the weights ops other than MatMul/Gemm read (re-laid out)."""
+    size = {}
     total = 0
     for t in model.graph.initializer:
         ref = placeholder_ref(t)
-        if ref is not None and t.name in copied:
-            total += store_for(t, ref, fallback).arrays[ref[1]].nbytes
+        if ref is None:
+            size[t.name] = len(t.raw_data) or 4 * int(np.prod(t.dims, dtype=np.int64))
+            continue
+        store = store_for(t, ref, fallback)
+        size[t.name] = int(store.arrays[ref[1]].nbytes)
+        if shared_copied and ref[1] not in store.files:
+            total += size[t.name]
+    for node in model.graph.node:
+        inputs = [i for i in node.input if i]
+        if inputs and all(i in size for i in inputs) and node.op_type not in _SHAPE_OPS:
+            for out in node.output:  # folded into a new initializer
+                size[out] = max(size[i] for i in inputs)
+                total += size[out]
+        elif node.op_type not in _IN_PLACE_OPS:
+            total += sum(size[i] for i in inputs if i in size)
     return total
 
 
