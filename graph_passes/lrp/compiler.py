@@ -252,7 +252,10 @@ class _Linear:
         if node.op_type in ("Conv", "ConvTranspose"):
             ins = [inp, _weight_input(b, w)] + ([b.const(bias)] if bias is not None else [])
             return b.add(node.op_type, ins, **{k: v for k, v in attrs(node).items()})
-        y = b.add("MatMul", [inp, w.dense(b, False) if isinstance(w, _Folded) else b.const(w)])
+        if isinstance(w, _Folded) and w.stored_mk:  # a Gemm's (M, K) weight, read transposed: no (K, M) copy
+            y = b.add("Gemm", [inp, w.name], transB=1)
+        else:
+            y = b.add("MatMul", [inp, w.dense(b, False) if isinstance(w, _Folded) else b.const(w)])
         return b.add("Add", [y, b.const(bias)]) if bias is not None else y
 
     def transpose(self, s: str, w: np.ndarray, kind: str = "") -> str:

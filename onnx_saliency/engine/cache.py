@@ -103,7 +103,7 @@ class GraphCache:
         name = hashlib.sha256(text.encode()).hexdigest()
         return self.folder / f"{name}{suffix}", text.encode()
 
-    def load(self, key, suffix: str = SUFFIX) -> bytes | None:
+    def load(self, key, suffix: str = SUFFIX, count: bool = True) -> bytes | None:
         entry = self._entry(key, suffix)
         if entry is None:
             return None
@@ -118,7 +118,7 @@ class GraphCache:
             self.rebuilt += 1
             _unlink(path)
             return None
-        self.hits += 1
+        self.hits += count
         try:
             os.utime(path)  # most recently used: evicted last
         except OSError:
@@ -147,14 +147,14 @@ class GraphCache:
 
 
     # --- onnxruntime's optimised graphs (engine.optimized) -------------------------------------------------
-    def load_optimized(self, key) -> tuple[bytes, Path] | None:
+    def load_optimized(self, key, count: bool = True) -> tuple[bytes, Path] | None:
         """(optimised graph, its weight file) saved for `key`, or None. The entry is checked by hash like every
         entry; its weight file (written once under a name of its own, never rewritten) by its identity: any write
         to it, even of the same bytes, changes its change time, and the entry is deleted and rebuilt (never
         trusted; hashing it on every run would cost as much as what the entry saves)."""
         import json
 
-        data = self.load(key, OPTIMIZED_SUFFIX)
+        data = self.load(key, OPTIMIZED_SUFFIX, count)
         if data is None:
             return None
         head, _, graph = data.partition(b"\n")
@@ -166,7 +166,7 @@ class GraphCache:
             same = False
         if not same:
             self.rebuilt += 1
-            self.hits -= 1
+            self.hits -= count
             entry = self._entry(key, OPTIMIZED_SUFFIX)
             if entry is not None:
                 named = _referenced_weights(entry[0])
@@ -174,7 +174,7 @@ class GraphCache:
                 if named is not None:
                     _unlink(self.folder / named)
             return None
-        self.optimized_hits += 1  # (the entry's own time was touched by load: eviction keeps the pair by it)
+        self.optimized_hits += count  # (the entry's own time was touched by load: eviction keeps the pair by it)
         return graph, weights
 
     def save_optimized(self, key, graph: bytes, weights: Path) -> None:

@@ -2,8 +2,10 @@
 
 At its default level onnxruntime rewrites a graph when a session is made: on ResNet-50's Grad-CAM graph the
 NCHWc layout pass alone takes 0.1 s (the convolution weights reordered into blocks), as long as the rest of a
-warm run. A session whose graph came from the cache saves what onnxruntime made of it
-(``optimized_model_filepath``) on a background thread, and later processes load that, with optimisation off.
+warm run. With a cache, the engine has onnxruntime save what it made of a graph (``optimized_model_filepath``,
+in a session dropped at once) and runs the saved graph, with optimisation off, in this process and the next:
+the cold run pays the optimisation once (plus writing what it changed), every later run only maps it, and both
+hold a single session's memory (the weights onnxruntime changed are file-mapped, not copied).
 
 What is saved: the optimised graph, and one weight file holding only the weights onnxruntime changed (reordered
 convolution weights, folded constants) or the rewrite derived. A weight it kept as it was, byte for byte (checked
@@ -20,7 +22,6 @@ import hashlib
 import platform
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,6 @@ from .cache import SAVING_PREFIX
 MODEL_REF = "onnx-saliency-model:"  # location of a weight kept as the model's own (then: its store key)
 WEIGHTS_REF = "weights"  # location of a weight in the entry's weight file (offset, length)
 _ALIGN = 64
-_SAVERS: list[threading.Thread] = []
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,27 +75,16 @@ def load(graph: onnx.ModelProto, weights_file: Path, store: WeightStore, entry: 
     return graph
 
 
-def save_in_background(source, key, graph: onnx.ModelProto, store: WeightStore, options) -> None:
-    """Save onnxruntime's optimisation of `graph` (placeholders in `store`) into `source` on a thread of its
-    own; the process waits for it when it ends (a non-daemon thread). Failures only lose the entry."""
-    worker = threading.Thread(target=_save, args=(source, key, graph, store, options), name="onnx-saliency-save")
-    worker.start()
-    _SAVERS.append(worker)
-
-
-def wait_for_savers() -> None:
-    """Wait for the background saves started so far (tests, and callers about to read the cache folder)."""
-    while _SAVERS:
-        _SAVERS.pop().join()
-
-
-def _save(source, key, graph: onnx.ModelProto, store: WeightStore, options) -> None:
+def save(source, key, graph: onnx.ModelProto, store: WeightStore, options) -> None:
+    """Save onnxruntime's optimisation of `graph` (placeholders in `store`; edited) into `source` for `key`.
+    Failures only lose the entry (the caller then builds its session the usual way)."""
     import onnxruntime as ort
 
     from graph_passes._graph import ort_model
 
     own = {t.name: ref[1] for t in graph.graph.initializer
            if (ref := placeholder_ref(t)) is not None and not ref[1].startswith("derived/")}
+    held_out = _hold_out(graph, own, store)
     folder = Path(source.folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -108,9 +97,10 @@ def _save(source, key, graph: onnx.ModelProto, store: WeightStore, options) -> N
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "4096")
         options.intra_op_num_threads = 1
         data, _ = ort_model(graph, options, store)
-        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])  # written, then freed
         del data
         saved = onnx.load(str(tmp / "m.onnx"), load_external_data=False)
+        _put_back(saved, held_out)
         kept = tmp / "kept.bin"
         _relink(saved, tmp / "m.bin", kept, own, store)
         source.save_optimized(cache_key(key), saved.SerializeToString(), kept)
@@ -120,11 +110,47 @@ def _save(source, key, graph: onnx.ModelProto, store: WeightStore, options) -> N
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _hold_out(graph: onnx.ModelProto, own: dict, store: WeightStore) -> dict:
+    """Turn the model's own file-mapped weights that only MatMul/Gemm read (as their second operand, where
+    onnxruntime leaves a weight as it is) into graph inputs, in place, so that onnxruntime does not write them
+    out again (VGG-16's dense weights: 470 MB); returns {name: (store key, the placeholder)}."""
+    readers: dict = {}
+    for node in graph.graph.node:
+        for k, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node.op_type, k))
+    held = {}
+    for t in list(graph.graph.initializer):
+        key = own.get(t.name)
+        uses = readers.get(t.name, [])
+        if key is None or key not in store.files or not uses or any(
+                op not in ("MatMul", "Gemm") or k != 1 for op, k in uses):
+            continue
+        held[t.name] = (key, onnx.TensorProto.FromString(t.SerializeToString()))
+        graph.graph.initializer.remove(t)
+        graph.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return held
+
+
+def _put_back(saved: onnx.ModelProto, held: dict) -> None:
+    """The weights _hold_out made inputs, initializers again: references to the model's own weights."""
+    for vi in [vi for vi in saved.graph.input if vi.name in held]:
+        saved.graph.input.remove(vi)
+        key, placeholder = held[vi.name]
+        t = onnx.TensorProto(name=vi.name, data_type=placeholder.data_type, dims=placeholder.dims,
+                             data_location=onnx.TensorProto.EXTERNAL)
+        t.external_data.add(key="location", value=MODEL_REF + key)
+        saved.graph.initializer.append(t)
+
+
 def _relink(saved: onnx.ModelProto, written: Path, kept: Path, own: dict, store: WeightStore) -> None:
     """Point every weight of `saved` that equals the model's own weight of the same name at that weight, in
     place; the others stay in a weight file at `kept`: `written` (onnxruntime's) itself when the relinked
     weights are a small part of it, else a copy of only the others."""
-    external = [t for t in saved.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    external = [t for t in saved.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                and not any(e.key == "location" and e.value.startswith(MODEL_REF) for e in t.external_data)]
+    if not written.exists():  # onnxruntime wrote no weight file: nothing it kept was large
+        kept.touch()
+        return
     places = {}
     with open(written, "rb") as src:
         for t in external:

@@ -100,17 +100,21 @@ class Engine:
                                 materialize(proto, keep=self._own_weight).SerializeToString())
             else:
                 proto = onnx.load_from_string(data)
+            if optimizing:  # onnxruntime optimises it once, into the cache, and this run maps what it saved
+                from . import optimized
+
+                self._evict_for(copied_weight_bytes(proto, self.model.weights))  # the saving session's room
+                optimized.save(source, key, clone(proto), self.model.weights, session_options(self.threads))
+                found = self._optimized_session(key, build, source, just_saved=True)
+                if found is not None:
+                    if built:
+                        release_freed_memory()
+                    return found
             keys = placeholder_keys(proto)
-            structure = clone(proto) if optimizing else None
             copied = copied_weight_bytes(proto, self.model.weights)
             sess, cost = self._new_session(key, proto, session_options(self.threads), copied)
             if built:  # the rewrite's transient copies and graph-surgeon's reference cycles
                 release_freed_memory()
-            if optimizing:  # onnxruntime optimises it again, for the next process, on the other core while this
-                from . import optimized  # one runs (not while it is built: their peaks would add up)
-
-                optimized.save_in_background(source, key, structure, self.model.weights,
-                                             session_options(self.threads))
             return self._keep(key, sess, cost, keys, build)
 
     def _new_session(self, key, proto: onnx.ModelProto, opts, copied: int, optimized: bool = True):
@@ -136,12 +140,12 @@ class Engine:
         self._weight_keys[key] = keys
         return self._sessions[key]
 
-    def _optimized_session(self, key, build, source):
+    def _optimized_session(self, key, build, source, just_saved: bool = False):
         """The session of onnxruntime's optimised graph for `key` saved in the cache by an earlier process
         (engine.optimized), made with optimisation off; None when there is none or it does not load."""
         from . import optimized
 
-        hit = source.load_optimized(optimized.cache_key(key))
+        hit = source.load_optimized(optimized.cache_key(key), count=not just_saved)  # a hit: an earlier run's
         if hit is None:
             return None
         graph, weights_file = hit
