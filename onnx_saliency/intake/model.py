@@ -378,7 +378,7 @@ def read_model(path, check_weights: bool = True, weights: WeightStore | None = N
     return model
 
 
-_BLOCK = 16 << 20
+_BLOCK = 64 << 20
 
 
 def _scan_file(path: Path, ranges, digest) -> None:
