@@ -197,7 +197,8 @@ def bench_model(name: str, repeats: int, tmp: Path, profile: bool = False) -> di
 
     from onnx_saliency.intake.model import load_model
 
-    floor = ort_session(conv_floor_graph(load_model(path).canonical), THREADS)
+    loaded = load_model(path)  # alive while its graph is used: the graph's weights are in its store
+    floor = ort_session(conv_floor_graph(loaded.canonical), THREADS)
     floor_out = [floor.get_outputs()[0].name]  # onnxruntime runs every node whatever is fetched
 
     # all in turn, so that the shared machine's load changes hit them alike; ratios are per round
