@@ -178,7 +178,7 @@ class Engine:
                 ort = import_onnxruntime()
                 opts = session_options(self.threads)
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                data, _ = ort_model(clone(self.model.canonical), opts, self.model.weights)
+                data, _ = ort_model(clone(self.model.canonical), opts, self.model.weights, optimized=False)
                 ort.InferenceSession(data, opts, providers=self._providers)
             except Exception as plain:  # noqa: BLE001 - onnxruntime's errors have no common base
                 model_fails, err = True, plain
@@ -351,9 +351,9 @@ _IN_PLACE_OPS = {"MatMul", "Gemm"}
 _SHAPE_OPS = {"Shape", "Size"}
 
 
-def copied_weight_bytes(model: onnx.ModelProto, fallback=None, shared_copied: bool = True) -> int:
-    """About how many bytes of weights a session of `model` holds in memory of its own: weights not mapped from a
-    file when `shared_copied` (onnxruntime copies what add_external_initializers hands it), every folded
+def copied_weight_bytes(model: onnx.ModelProto, fallback=None) -> int:
+    """About how many bytes of weights a session of `model` (graph optimisation on) holds in memory of its own:
+    weights not mapped from a file (onnxruntime copies what add_external_initializers hands it), every folded
     weight-only node's output, and the weights ops other than MatMul/Gemm read (re-laid out)."""
     size = {}
     total = 0
@@ -364,7 +364,7 @@ def copied_weight_bytes(model: onnx.ModelProto, fallback=None, shared_copied: bo
             continue
         store = store_for(t, ref, fallback)
         size[t.name] = int(store.arrays[ref[1]].nbytes)
-        if shared_copied and ref[1] not in store.files:
+        if ref[1] not in store.files:
             total += size[t.name]
     for node in model.graph.node:
         inputs = [i for i in node.input if i]
