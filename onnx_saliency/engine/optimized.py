@@ -8,9 +8,10 @@ the cold run pays the optimisation once (plus writing what it changed), every la
 hold a single session's memory (the weights onnxruntime changed are file-mapped, not copied).
 
 What is saved: the optimised graph, and one weight file holding only the weights onnxruntime changed (reordered
-convolution weights, folded constants) or the rewrite derived. A weight it kept as it was, byte for byte (checked
-when saving), is a reference to the model's own weight instead, read from the model file as always: VGG-16's
-dense weights are not written again. The layout depends on the CPU (vector width) and the onnxruntime version,
+convolution weights, folded constants) or the rewrite derived. The model's own weights that only MatMul/Gemm
+read are handed to the saving session as graph inputs, so onnxruntime does not write them at all (VGG-16's dense
+weights: 470 MB), and a weight it kept as it was, byte for byte (checked when saving), is a reference to the
+model's own weight instead: both are read from the model file as always. The layout depends on the CPU (vector width) and the onnxruntime version,
 both in the cache key. The weight file is trusted by its identity (any write to it changes it; see
 GraphCache.load_optimized).
 """
