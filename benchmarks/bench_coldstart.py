@@ -57,12 +57,12 @@ with add_external_initializers (measured: +401 MiB for a 392 MiB weight), so wei
 file are shared with add_initializer only where graph optimisation is off (its optimisers read the graph's own
 copy of an initializer).
 
-Missed: ResNet-50's cold Grad-CAM (about 1.8x bare onnxruntime) and cold LRP (about 3x). Bare onnxruntime's 0.38 s
+Missed: ResNet-50's cold Grad-CAM (about 1.8x bare onnxruntime) and cold LRP (about 3.2-3.6x). Bare onnxruntime's 0.38 s
 is mostly importing numpy and onnxruntime and one optimised session; a cold run of ours adds importing onnx, click
 and OpenCV (about 0.1 s), canonicalising (0.05 s), hashing the 97 MB file (0.08 s on the second core, waited for
 when it is slower than canonicalising), rewriting, and having onnxruntime write the 94 MB of re-laid-out convolution
 weights it makes; cold LRP builds a relevance graph whose session re-lays out three convolution weights per layer
-(about 0.45 s of onnxruntime alone). Warm runs meet every target (Grad-CAM 0.97x, LRP 1.32x bare onnxruntime).
+(about 0.45 s of onnxruntime alone). Warm runs meet every target (Grad-CAM 1.00x, LRP 1.34x bare onnxruntime).
 """
 
 BARE = """
