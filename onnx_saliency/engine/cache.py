@@ -133,18 +133,8 @@ class GraphCache:
             return
         path, text = entry
         header = b"%s\n%s\n%s\n" % (FORMAT, text.replace(b"\n", b" "), hashlib.sha256(data).hexdigest().encode())
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(header)
-                f.write(data)
-            os.replace(tmp, path)
-        except OSError:  # a cache that cannot be written is only a slower run
-            _unlink(locals().get("tmp"))
-            return
-        evict(self.folder, self.max_bytes, keep={path, keep})
-
+        if _write_atomically(path, header, data):  # else: a cache that cannot be written is only a slower run
+                evict(self.folder, self.max_bytes, keep={path, keep})
 
     # --- onnxruntime's optimised graphs (engine.optimized) -------------------------------------------------
     def load_optimized(self, key, count: bool = True) -> tuple[bytes, Path] | None:
@@ -197,6 +187,22 @@ class GraphCache:
         self.save(key, json.dumps(meta).encode() + b"\n" + graph, OPTIMIZED_SUFFIX, keep=final)
         if replaced is not None and replaced != final.name:  # the entry this one replaced: its weights go too
             _unlink(self.folder / replaced)
+
+
+def _write_atomically(path: Path, *parts: bytes) -> bool:
+    """Write `parts` to a per-process temporary name beside `path` and move it into place (atomic: two processes
+    writing the same file leave one complete file); False, and nothing left behind, when it cannot be written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        _unlink(tmp)
+        return False
 
 
 def _referenced_weights(entry: Path) -> str | None:
@@ -304,14 +310,8 @@ class FileDigests:
 
         if time.time_ns() - max(identity[3], identity[4]) < RACY_SECONDS * 1e9:
             return
-        entry = self._entry(path)
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_text(json.dumps({"path": str(Path(path).resolve()), "identity": identity, "sha256": digest}))
-            os.replace(tmp, entry)
-        except OSError:  # not remembered: the next run hashes again
-            _unlink(locals().get("tmp"))
+        record = {"path": str(Path(path).resolve()), "identity": identity, "sha256": digest}
+        _write_atomically(self._entry(path), json.dumps(record).encode())  # or not remembered: hashed next run
 
 
 def info(folder) -> dict:
@@ -332,7 +332,7 @@ def clear(folder) -> int:
         _unlink(path)
         n += path.suffix in (SUFFIX, OPTIMIZED_SUFFIX)
     if folder.is_dir():
-        for path in folder.glob(f".*{SUFFIX}.*.tmp"):
+        for path in folder.glob(".*.tmp"):  # what _write_atomically of a killed process left
             _unlink(path)
         for path in folder.glob(f"{SAVING_PREFIX}*"):  # saves of optimised graphs a killed process left
             shutil.rmtree(path, ignore_errors=True)

@@ -11,9 +11,9 @@ What is saved: the optimised graph, and one weight file holding only the weights
 convolution weights, folded constants) or the rewrite derived. The model's own weights that only MatMul/Gemm
 read are handed to the saving session as graph inputs, so onnxruntime does not write them at all (VGG-16's dense
 weights: 470 MB), and a weight it kept as it was, byte for byte (checked when saving), is a reference to the
-model's own weight instead: both are read from the model file as always. The layout depends on the CPU (vector width) and the onnxruntime version,
-both in the cache key. The weight file is trusted by its identity (any write to it changes it; see
-GraphCache.load_optimized).
+model's own weight instead: both are read from the model file as always. The layout depends on the CPU (vector
+width) and the onnxruntime version, both in the cache key. The weight file is trusted by its identity (any
+write to it changes it; see GraphCache.load_optimized).
 """
 
 from __future__ import annotations

@@ -122,11 +122,9 @@ def _identity(path: Path):
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    digest = hashlib.sha256()
+    _scan_file(path, (), digest)
+    return digest.hexdigest()
 
 
 # Leading bytes of files people mistake for ONNX models, so the error says what the file is.
@@ -391,10 +389,12 @@ def _scan_file(path: Path, ranges, digest) -> None:
     if digest is None and not floats:
         return
     bad: dict[str, int] = {}
-    buffer = memoryview(bytearray(_BLOCK))  # one buffer, read into again and again (no fresh pages per block)
     with open(path, "rb", buffering=0) as f:
         pos = 0 if digest is not None else floats[0][1]
         end = None if digest is not None else max(o + n for _, o, n, _ in floats)
+        # one buffer, read into again and again (no fresh pages per block), no larger than what is read
+        buffer = memoryview(bytearray(min(_BLOCK, (end if end is not None else os.fstat(f.fileno()).st_size) - pos)
+                                      or 1))
         f.seek(pos)
         k = 0
         while end is None or pos < end:
