@@ -105,7 +105,7 @@ def make_call(tool: str, onnx_path: Path, x: np.ndarray, target: int):
     if tool.startswith("ours-"):
         from onnx_saliency import Explainer
 
-        ex = Explainer(onnx_path, preset="torchvision", threads=THREADS)
+        ex = Explainer(onnx_path, preset="torchvision", threads=THREADS, optimize=True)  # per call: the steady state
         method = tool[len("ours-"):]
         if method in ("cp-lrp", "attnlrp"):
             return lambda: ex.explain(x, method="lrp", composite=method, target=target).attributions.sum(1)
@@ -186,7 +186,7 @@ def faithfulness(onnx_path: Path, n_images: int, step: int, methods=FAITH_METHOD
     images = images[:n_images]
     if not images:
         raise SystemExit(f"no shared photos under {SHARED / 'images'}")
-    ex = Explainer(onnx_path, preset="torchvision", threads=THREADS)
+    ex = Explainer(onnx_path, preset="torchvision", threads=THREADS, optimize=True)  # per call: the steady state
     x, _ = ex.prepare([str(p) for p in images])
     scores = ex.predict(x)
     targets = scores.argmax(1)

@@ -48,7 +48,7 @@ def profile_model(name: str, repeats: int, tmp: Path) -> None:
     path = tmp / f"{name}.onnx"
     export(model, path)
     x = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
-    ex = Explainer(path, preset="torchvision", threads=THREADS)
+    ex = Explainer(path, preset="torchvision", threads=THREADS, optimize=True)  # per call: the steady state
     layer = onnx_layer(ex, MODELS[name][2])
     targets = np.full(1, TARGET, np.int64)
     eng = ex.engine

@@ -24,16 +24,17 @@ class Explainer:
     once they would exceed the engine's memory budget; rewritten graphs are also cached on disk (`cache`)."""
 
     def __init__(self, path, preset: str | None = None, provider: str = "cpu", threads: int | None = None,
-                 labels=None, fuse_affine: bool = False, cache=None, **preprocessing_overrides):
+                 labels=None, fuse_affine: bool = False, cache=None, optimize="auto", **preprocessing_overrides):
         """cache: a folder for rewritten graphs (engine.cache), None for the default ($ONNX_SALIENCY_CACHE, else
-        the user's cache folder), False for none."""
+        the user's cache folder), False for none. optimize: onnxruntime's graph optimisation, "auto" (after a
+        graph's first few images, see engine.session), True (from the first image) or False (never)."""
         from .engine.cache import FileDigests, default_cache_dir
 
         check_threads(threads)
         folder = default_cache_dir() if cache is None else cache
         digests = None if folder is False or folder is None else FileDigests(folder)
         self.model: LoadedModel = load_model(path, fuse_affine=fuse_affine, digests=digests)
-        self.engine = Engine(self.model, provider=provider, threads=threads)
+        self.engine = Engine(self.model, provider=provider, threads=threads, optimize=optimize)
         self.use_cache(folder if folder is not None else False)
         pre = self.model.preprocessing()
         self.preprocessing: Preprocessing = pre.with_overrides(preset=preset, **preprocessing_overrides)
@@ -54,12 +55,12 @@ class Explainer:
 
     @classmethod
     def from_loaded(cls, model: LoadedModel, preprocessing: Preprocessing, provider: str = "cpu",
-                    threads: int | None = None) -> "Explainer":
+                    threads: int | None = None, optimize="auto") -> "Explainer":
         """An Explainer over a model loaded elsewhere (a scale-out actor gets it from the driver, not the file)."""
         check_threads(threads)
         self = cls.__new__(cls)
         self.model = model
-        self.engine = Engine(model, provider=provider, threads=threads)
+        self.engine = Engine(model, provider=provider, threads=threads, optimize=optimize)
         self.preprocessing = preprocessing
         return self
 

@@ -19,6 +19,8 @@ from cli.main import main
 from graph_passes._graph import placeholder_ref
 from onnx_saliency import Explainer
 from onnx_saliency.engine import cache as graph_cache
+from onnx_saliency.engine.session import OPTIMIZE_AFTER_IMAGES
+from onnx_saliency.errors import SaliencyError
 from onnx_saliency.intake.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +128,7 @@ def test_weights_are_held_once_and_maps_match_the_materialized_graph(tmp_path):
     from onnx_saliency.engine.providers import session_options
 
     path = small_classifier(tmp_path / "m.onnx")
-    ex = Explainer(path, cache=False)
+    ex = Explainer(path, cache=False, optimize=True)
     store = ex.model.weights
     own = store.nbytes
     # the original and the canonical graph share every weight canonicalize did not change
@@ -161,9 +163,9 @@ def test_cache_hit_on_second_run_rebuilt_when_corrupt_and_maps_identical(tmp_pat
     folder = tmp_path / "cache"
     x = np.random.default_rng(2).random((2, 3, 16, 16), dtype=np.float32)
     methods = ("gradcam", "lrp", "guided-backprop")
-    reference = _maps(Explainer(path, cache=False), x, methods)
+    reference = _maps(Explainer(path, cache=False, optimize=True), x, methods)
 
-    first = Explainer(path, cache=folder)
+    first = Explainer(path, cache=folder, optimize=True)
     cold = _maps(first, x, methods)
     assert first.engine.graph_source.hits == 0
     files = sorted(folder.glob("*" + graph_cache.SUFFIX))
@@ -181,7 +183,7 @@ def test_cache_hit_on_second_run_rebuilt_when_corrupt_and_maps_identical(tmp_pat
         ex.engine.session = counting
         return built
 
-    second = Explainer(path, cache=folder)
+    second = Explainer(path, cache=folder, optimize=True)
     built = counted(second)
     warm = _maps(second, x, methods)
     assert second.engine.graph_source.optimized_hits == second.engine.graph_source.hits == len(methods)
@@ -200,7 +202,7 @@ def test_cache_hit_on_second_run_rebuilt_when_corrupt_and_maps_identical(tmp_pat
         kind[1].write_bytes(kind[2].read_bytes())
 
     corrupt(saved)
-    third = Explainer(path, cache=folder)
+    third = Explainer(path, cache=folder, optimize=True)
     built = counted(third)
     again = _maps(third, x, methods)
     src = third.engine.graph_source
@@ -211,7 +213,7 @@ def test_cache_hit_on_second_run_rebuilt_when_corrupt_and_maps_identical(tmp_pat
     for f in folder.glob("*" + graph_cache.OPTIMIZED_SUFFIX):
         f.unlink()
     corrupt(files)
-    fourth = Explainer(path, cache=folder)
+    fourth = Explainer(path, cache=folder, optimize=True)
     built = counted(fourth)
     again = _maps(fourth, x, methods)
     src = fourth.engine.graph_source
@@ -221,14 +223,14 @@ def test_cache_hit_on_second_run_rebuilt_when_corrupt_and_maps_identical(tmp_pat
     assert all(graph_cache._unpack(f.read_bytes(), b"") is None for f in files)  # sanity of the checker itself
 
     # a weight file written to (same size, one bit changed) is never used: its entry is rebuilt
-    Explainer(path, cache=folder).explain(x, method="lrp")
+    Explainer(path, cache=folder, optimize=True).explain(x, method="lrp")
     named = [folder / graph_cache._referenced_weights(f) for f in folder.glob("*" + graph_cache.OPTIMIZED_SUFFIX)]
     weights = max(named, key=lambda f: f.stat().st_size)
     data = bytearray(weights.read_bytes())
     assert data, "LRP's derived weights are in its weight file"
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    fifth = Explainer(path, cache=folder)
+    fifth = Explainer(path, cache=folder, optimize=True)
     maps = fifth.explain(x, method="lrp").maps
     assert fifth.engine.graph_source.rebuilt == 1 and fifth.engine.graph_source.optimized_hits == 0
     np.testing.assert_array_equal(maps, reference["lrp"])
@@ -245,9 +247,9 @@ def test_cache_is_keyed_by_model_and_bounded(tmp_path):
     def files():
         return {f.name: f.stat().st_size for f in folder.iterdir() if f.is_file()}
 
-    Explainer(a, cache=folder).explain(x, method="gradcam")
+    Explainer(a, cache=folder, optimize=True).explain(x, method="gradcam")
     of_a = files()
-    ex_b = Explainer(b, cache=folder)
+    ex_b = Explainer(b, cache=folder, optimize=True)
     ex_b.explain(x, method="gradcam")
     before = files()
     assert ex_b.engine.graph_source.hits == 0 and len(list(folder.glob("*.graph"))) == 2
@@ -308,6 +310,52 @@ def test_session_lru_keeps_the_memory_budget(tmp_path):
     assert all(not k.startswith("derived/") or k in live for k in ex.model.weights.arrays)
 
 
+def test_a_graph_runs_unoptimised_for_its_first_images_then_optimised(tmp_path):
+    """Two tiers (engine.session): onnxruntime's optimisation costs more than it saves on a few images, so a
+    graph's first OPTIMIZE_AFTER_IMAGES images run unoptimised; the tier depends on the images run, never on the
+    cache, and both tiers' maps agree to float rounding."""
+    path = small_classifier(tmp_path / "m.onnx")
+    rng = np.random.default_rng(5)
+    x = rng.random((1, 3, 16, 16), dtype=np.float32)
+    many = rng.random((OPTIMIZE_AFTER_IMAGES + 1, 3, 16, 16), dtype=np.float32)
+
+    def tier(ex, method):
+        (sess, _, _), = [v for k, v in ex.engine._sessions.items() if k[0] == method]
+        return "unoptimised" if sess.unoptimized else "optimised"
+
+    optimised = Explainer(path, cache=False, optimize=True)
+    for method in ("lrp", "gradcam"):
+        key = "lrp" if method == "lrp" else "vjp"
+        ex = Explainer(path, cache=tmp_path / method)
+        first = ex.explain(x, method=method).maps
+        assert tier(ex, key) == "unoptimised"
+        assert not list((tmp_path / method).glob("*" + graph_cache.OPTIMIZED_SUFFIX))  # nothing optimised, saved
+        reference = optimised.explain(x, method=method).maps
+        np.testing.assert_allclose(first, reference, rtol=1e-4, atol=1e-6 * np.abs(reference).max())
+        np.testing.assert_array_equal(first, Explainer(path, cache=False).explain(x, method=method).maps)
+        for _ in range(OPTIMIZE_AFTER_IMAGES - 1):
+            again = ex.explain(x, method=method).maps
+        assert tier(ex, key) == "unoptimised"
+        np.testing.assert_array_equal(again, first)  # same tier, same bits
+        np.testing.assert_array_equal(ex.explain(x, method=method).maps, reference)  # the ninth: optimised
+        assert tier(ex, key) == "optimised"
+    # one call with more images than the first tier takes: optimised before it runs
+    ex = Explainer(path, cache=False)
+    np.testing.assert_array_equal(ex.explain(many, method="gradcam").maps,
+                                  optimised.explain(many, method="gradcam").maps)
+    assert tier(ex, "vjp") == "optimised"
+    # a caller that says how many images it will run gets the optimised sessions at once
+    ex = Explainer(path, cache=False)
+    ex.engine.expect_images(OPTIMIZE_AFTER_IMAGES)
+    ex.explain(x, method="gradcam")
+    assert tier(ex, "vjp") == "optimised"
+    ex = Explainer(path, cache=False, optimize=False)
+    ex.explain(many, method="gradcam")
+    assert tier(ex, "vjp") == "unoptimised"
+    with pytest.raises(SaliencyError, match="optimize='yes'"):
+        Explainer(path, cache=False, optimize="yes")
+
+
 def test_cache_cli_info_and_clear(tmp_path):
     path = small_classifier(tmp_path / "m.onnx")
     folder = tmp_path / "cache"
@@ -317,16 +365,26 @@ def test_cache_cli_info_and_clear(tmp_path):
 
     cv2.imwrite(str(images / "a.png"), np.full((20, 20, 3), 90, np.uint8))
     runner = CliRunner()
-    res = runner.invoke(main, ["explain", str(path), str(images), "--out", str(tmp_path / "o1"), "-m", "gradcam",
-                               "--cache-dir", str(folder), "--preset", "torchvision", "-q"])
-    assert res.exit_code == 0, res.output
+
+    def explain(out, *cache):
+        res = runner.invoke(main, ["explain", str(path), str(images), "--out", str(tmp_path / out), "-m", "gradcam",
+                                   *cache, "--preset", "torchvision", "-q"])
+        assert res.exit_code == 0, res.output
+
+    explain("o1", "--cache-dir", str(folder))  # one image: the rewritten graph, run unoptimised
     res = runner.invoke(main, ["cache", "info", "--cache-dir", str(folder)])
     assert res.exit_code == 0 and "entries      1\n" in res.output
-    assert "optimized    1 onnxruntime-optimised graph(s), 1 weight file(s)" in res.output
-    res = runner.invoke(main, ["explain", str(path), str(images), "--out", str(tmp_path / "o2"), "-m", "gradcam",
-                               "--no-cache", "--preset", "torchvision", "-q"])
-    assert res.exit_code == 0, res.output
+    assert "optimized    0 onnxruntime-optimised graph(s), 0 weight file(s)" in res.output
+    explain("o2", "--no-cache")
     assert np.array_equal(np.load(tmp_path / "o1/a/gradcam.npy"), np.load(tmp_path / "o2/a/gradcam.npy"))
+    for k in range(1, OPTIMIZE_AFTER_IMAGES):  # enough images for onnxruntime's optimisation to pay
+        cv2.imwrite(str(images / f"b{k}.png"), np.full((20, 20, 3), 90 + k, np.uint8))
+    explain("o3", "--cache-dir", str(folder))
+    res = runner.invoke(main, ["cache", "info", "--cache-dir", str(folder)])
+    assert "optimized    1 onnxruntime-optimised graph(s), 1 weight file(s)" in res.output
+    explain("o4", "--no-cache")
+    for k in range(1, OPTIMIZE_AFTER_IMAGES):
+        assert np.array_equal(np.load(tmp_path / f"o3/b{k}/gradcam.npy"), np.load(tmp_path / f"o4/b{k}/gradcam.npy"))
     res = runner.invoke(main, ["cache", "clear", "--cache-dir", str(folder)])
     assert res.exit_code == 0 and "removed 2" in res.output
     assert not [f for f in folder.iterdir() if f.is_file()]

@@ -78,6 +78,7 @@ def test_shipped_graphs_replace_building_and_give_identical_maps(data, monkeypat
     graphs = record_graphs(ex, METHODS, "auto", {})
     assert {k[0] for k in graphs} >= {"vjp", "lrp"}
     actor = Explainer.from_loaded(ex.model, ex.preprocessing, threads=1)
+    actor.engine.expect_images(19)  # as ExplainShard does: the tier of the local run of the 19 images
     shipped = ShippedGraphs(graphs)
     actor.engine.graph_source = shipped
     import graph_passes as gp

@@ -89,6 +89,9 @@ def explain_images(explainer, images: Sequence[Path], methods: Sequence[str], ou
     :func:`outputs_complete` (same arguments) as the --resume test, for a `write` that draws otherwise."""
     outcome = BatchOutcome()
     sha = explainer.model.sha256
+    engine = getattr(explainer, "engine", None)
+    if engine is not None:  # enough images: optimised sessions from the first one (engine.session)
+        engine.expect_images(len(images))
     broken: dict[tuple, str] = {}  # (method, input shape) -> why it cannot run: not retried on later chunks
 
     def fail(i: int, reason: str) -> None:

@@ -42,6 +42,7 @@ class Shipment:
     resume: bool = False
     done: frozenset = frozenset()  # ids complete in earlier shards (sources the driver cannot filter itself)
     present: dict = field(default_factory=dict)  # id -> methods already committed, for partly done images
+    images: int | None = None      # images in the whole run (None: a dataset, taken as many): the session tier
 
 
 class ExplainShard:
@@ -59,6 +60,8 @@ class ExplainShard:
         self.explainer = Explainer.from_loaded(s.model, s.preprocessing, provider=s.provider, threads=s.threads)
         if s.memory_budget:
             self.explainer.engine.memory_budget = s.memory_budget
+        # the tier a local run of the same images gets (engine.session), so both write the same maps
+        self.explainer.engine.expect_images(s.images if s.images is not None else 1 << 30)
         self.graphs = ShippedGraphs(s.graphs)
         self.explainer.engine.graph_source = self.graphs
         for key in s.graphs:  # every session now, once: the first shard's timing is the shard's own

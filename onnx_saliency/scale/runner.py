@@ -207,7 +207,8 @@ def explain_dataset(source, model, methods=("gradcam",), *, layer="auto", target
                         batch_size=batch_size, max_pixels=max_pixels, memory_budget=ex.engine.memory_budget,
                         provider=provider, threads=max(1, int(round(cpus_per_actor))), resume=resume,
                         done=frozenset(done) if rows is None else frozenset(),
-                        present={i: sorted(ms) for i, ms in present.items() if i not in done})
+                        present={i: sorted(ms) for i, ms in present.items() if i not in done},
+                        images=len(rows) if rows is not None else None)
 
     we_started = not ray.is_initialized()
     if we_started:
