@@ -20,19 +20,24 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 CRASH = 3  # exit code of an unexpected error (a bug); 1 = some images or methods skipped, 2 = bad input
 
 
+def _graph_pass_error():
+    """graph_passes.GraphPassError where graph_passes was imported (else none can have been raised): a command
+    does not import it (onnx, onnx-graphsurgeon: 0.1 s) before its work begins (onnx_saliency.prehash)."""
+    passes = sys.modules.get("graph_passes")
+    return getattr(passes, "GraphPassError", ()) if passes is not None else ()
+
+
 def fail_cleanly(fn):
     """Turn library errors into one line on stderr and a non-zero exit, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from graph_passes import GraphPassError
-
         try:
             return fn(*args, **kwargs)
         except SaliencyError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
-        except GraphPassError as err:
+        except _graph_pass_error() as err:
             click.echo(f"error: {' '.join(str(err).split())}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -50,6 +55,9 @@ def fail_cleanly(fn):
             click.echo(f"error: unexpected {type(err).__name__}: {text} (a bug in onnx-saliency; please report it "
                        "with the command; ONNX_SALIENCY_TRACEBACK=1 shows the traceback)", err=True)
             sys.exit(CRASH)
+        finally:
+            if "onnx_saliency.prehash" in sys.modules:  # what this command began hashing, and did not read
+                sys.modules["onnx_saliency.prehash"].forget()
 
     return wrapper
 
@@ -69,6 +77,15 @@ def split_model_and_images(args: tuple[str, ...], more: bool = False):
     if not rest and not more:
         raise SaliencyError(f"no images given to explain with {model}")
     return model, expand_images(rest) if rest else []
+
+
+def prehash_model(inputs, cache_dir, no_cache: bool) -> None:
+    """Begin hashing the model file named first in `inputs` on a second thread (onnx_saliency.prehash)."""
+    if inputs and str(inputs[0]).lower().endswith(".onnx"):
+        from onnx_saliency import prehash
+        from onnx_saliency.engine.cache import default_cache_dir
+
+        prehash.start(inputs[0], None if no_cache else cache_dir if cache_dir is not None else default_cache_dir())
 
 
 def speak_up(explainer, inputs=None, model=None, quiet: bool = False) -> None:

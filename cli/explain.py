@@ -10,8 +10,8 @@ import click
 from onnx_saliency.errors import SaliencyError
 
 from .common import (CompositeOption, explainer_from_options, fail_cleanly, method_options, mib, parse_bytes,
-                     parse_target, peak_rss_bytes, progress, quiet_option, rendering_from_options, rendering_options,
-                     speak_up, split_model_and_images, with_model_options)
+                     parse_target, peak_rss_bytes, prehash_model, progress, quiet_option, rendering_from_options,
+                     rendering_options, speak_up, split_model_and_images, with_model_options)
 
 
 @click.command()
@@ -71,6 +71,7 @@ def explain(inputs, methods, layers, target, out_dir, batch_size, option_pairs, 
     or model error, found before any image is processed (nothing written), or an output that cannot be
     written (the run stops there); 130 interrupted. Outputs are whole files or absent: rerun with --resume to finish.
     """
+    prehash_model(inputs, cache_dir, no_cache)  # before the imports below (onnx, onnxruntime, OpenCV)
     from onnx_saliency.output.batch import explain_images
     from onnx_saliency.output.sidecar import outputs_complete, write_image_outputs
     from onnx_saliency.methods import get_method

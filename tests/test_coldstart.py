@@ -461,3 +461,59 @@ def test_a_model_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
     with pytest.raises(SaliencyError, match="weight 'fc1.w' contains NaN"):  # a failed check is not remembered
         sha()
     assert graph_cache.clear(folder) == 0 and not any((folder / graph_cache.DIGESTS).iterdir())
+
+
+def test_the_command_line_hashes_the_model_before_importing_onnx(tmp_path, monkeypatch):
+    """explain begins the model's sha256 with only the standard library loaded (onnx_saliency.prehash); the scan
+    then takes that digest and reads the weights for the NaN check alone; a file changed after hashing began
+    is hashed again by the scan, and its NaN is still found."""
+    import hashlib
+
+    from onnx_saliency import prehash
+    from onnx_saliency.intake import model as model_module
+
+    path = small_classifier(tmp_path / "m.onnx")
+    images = tmp_path / "imgs"
+    images.mkdir()
+    import cv2
+
+    cv2.imwrite(str(images / "a.png"), np.full((20, 20, 3), 90, np.uint8))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from onnx_saliency import prehash
+        heavy = ("onnx", "onnxruntime", "numpy", "cv2", "graph_passes")
+        real = prehash.start
+        def start(*a, **k):
+            print("loaded at start:", sorted(m for m in heavy if m in sys.modules))
+            return real(*a, **k)
+        prehash.start = start
+        from cli.main import main
+        sys.argv = ["onnx-saliency", "explain", {str(path)!r}, {str(images)!r}, "--out", {str(tmp_path / "o")!r},
+                    "--no-cache", "-q", "--preset", "torchvision"]
+        main()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "loaded at start: []" in done.stdout
+    runner = CliRunner()  # a command that ends before reading its model leaves nothing started behind
+    res = runner.invoke(main, ["explain", str(path), str(images), "--out", str(tmp_path / "o2"), "-m", "nosuch"])
+    assert res.exit_code == 2 and str(path) not in prehash._STARTED
+
+    digests = []
+    real = model_module._scan_file
+    monkeypatch.setattr(model_module, "_scan_file", lambda p, r, d: (digests.append(d), real(p, r, d))[1])
+    truth = hashlib.sha256(path.read_bytes()).hexdigest()
+    prehash.start(path)
+    assert Explainer(path, cache=False).model.sha256 == truth and digests == [None]  # the scan did not hash
+    prehash.start(path)
+    prehash._STARTED[str(path)].thread.join()
+    m = onnx.load(str(path))
+    fc = next(t for t in m.graph.initializer if t.name == "fc1.w")
+    values = numpy_helper.to_array(fc).copy()
+    values[2, 2] = np.nan
+    fc.CopyFrom(numpy_helper.from_array(values, "fc1.w"))
+    onnx.save(m, str(path))  # after hashing began: that digest is another file's
+    with pytest.raises(SaliencyError, match="weight 'fc1.w' contains NaN"):
+        Explainer(path, cache=False)
+    assert digests[-1] is not None and str(path) not in prehash._STARTED

@@ -1,10 +1,21 @@
 """The engine: one onnxruntime session per rewritten graph (session), batches sized to a memory budget
-(memory), the NaN/Inf guard (numerics) and the execution providers (providers)."""
+(memory), the NaN/Inf guard (numerics), the execution providers (providers), the persistent cache (cache,
+optimized). Names load on first use: the command line reads engine.cache before onnx and onnxruntime are
+imported (onnx_saliency.prehash)."""
 
-from .memory import DEFAULT_MEMORY_BUDGET, activation_bytes
-from .numerics import check_finite, first_nonfinite_node
-from .providers import import_onnxruntime, providers_for
-from .session import RULE_SETS, Engine
+_LAZY = {"Engine": ".session", "RULE_SETS": ".session", "DEFAULT_MEMORY_BUDGET": ".memory",
+         "activation_bytes": ".memory", "check_finite": ".numerics", "first_nonfinite_node": ".numerics",
+         "import_onnxruntime": ".providers", "providers_for": ".providers"}
 
-__all__ = ["Engine", "RULE_SETS", "DEFAULT_MEMORY_BUDGET", "activation_bytes", "check_finite",
-           "first_nonfinite_node", "import_onnxruntime", "providers_for"]
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

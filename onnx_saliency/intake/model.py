@@ -19,6 +19,7 @@ from graph_passes._graph import (STORE_MIN_ELEMENTS, WeightStore, externalize, g
 from graph_passes.precision import HALF
 
 from ..errors import SaliencyError, UnsupportedModelError
+from .. import prehash
 from ..guard import file_identity, note_input
 from ..ort_logging import quiet_onnxruntime
 from .preprocess import Preprocessing, labels_from_metadata
@@ -92,9 +93,10 @@ class _FileScan:
         def work():
             try:
                 identity = _identity(self.path)  # before reading: a write meanwhile changes it
-                digest = hashlib.sha256()
+                early = prehash.take(self.path, identity)  # the command line began hashing it
+                digest = hashlib.sha256() if early is None else None
                 _scan_file(self.path, ranges, digest)
-                self.hexdigest = digest.hexdigest()
+                self.hexdigest, identity = (digest.hexdigest(), identity) if early is None else early
                 if self.digests is not None and identity is not None:
                     self.digests.put(self.path, identity, self.hexdigest)
             except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread by result()
