@@ -3,18 +3,11 @@ per actor, resumable per-image files or atomically committed Parquet shards), an
 an explain graph (``write_triton_repository``). Ray and pyarrow (the ``[ray]`` extra) are imported only when a
 run asks for them."""
 
+from .. import lazy_names
+
 _LAZY = {"explain_dataset": ".runner", "ScaleOutcome": ".runner", "init_ray": ".runner", "read_maps": ".parquet",
          "write_triton_repository": ".triton", "triton_config": ".triton"}
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_names(__name__, _LAZY)
 
 __all__ = list(_LAZY)
