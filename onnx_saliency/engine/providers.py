@@ -27,13 +27,16 @@ def providers_for(provider: str) -> list[str]:
 DISABLE_PREPACKING = "session.disable_prepacking"
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, optimized: bool = True):
     """SessionOptions for every session this package builds: weights used where they lie (no pre-packed
-    copies), onnxruntime's log as quiet as ours, and `threads` intra-op threads when given."""
+    copies), onnxruntime's log as quiet as ours, and `threads` intra-op threads when given; optimized=False:
+    graph optimisation off (a one-off session, or a graph optimised when it was saved)."""
     from ..ort_logging import session_severity
 
     ort = import_onnxruntime()
     opts = ort.SessionOptions()
+    if not optimized:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.add_session_config_entry(DISABLE_PREPACKING, "1")
     opts.log_severity_level = session_severity()
     if threads:

@@ -84,7 +84,6 @@ class Engine:
         self.optimize_after = {"auto": OPTIMIZE_AFTER_IMAGES, True: 0, False: float("inf")}[optimize]
         self.expected_images = 0  # images the caller will run (expect_images): optimise at once when enough
         self._unoptimized: dict[tuple, int] = {}  # graph key -> images its unoptimised session has run
-        self._builders: dict[tuple, Callable] = {}
         # Where rewritten graphs come from before they are built here: anything with load(key) -> bytes | None
         # and save(key, bytes). Scale-out ships the driver's graphs to its actors through it (scale.graphs);
         # a persistent cache of rewritten graphs plugs in at the same place.
@@ -114,7 +113,7 @@ class Engine:
                     self._sessions.move_to_end(key)
                     return self._sessions[key]
                 self._drop(key)  # its images are enough: the optimised session from now on
-            ort = import_onnxruntime()
+            import_onnxruntime()  # not installed: said before any rewrite
             source = self.graph_source
             light = self._unoptimized_tier(key)
             optimizing = not light and self.provider == "cpu" and hasattr(source, "load_optimized")
@@ -143,12 +142,9 @@ class Engine:
                         release_freed_memory()
                     return found
             keys = placeholder_keys(proto)
-            opts = session_options(self.threads)
-            if light:
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                self._unoptimized.setdefault(key, 0)
             copied = 0 if light else copied_weight_bytes(proto, self.model.weights)
-            sess, cost = self._new_session(key, proto, opts, copied, optimized=not light)
+            sess, cost = self._new_session(key, proto, session_options(self.threads, optimized=not light), copied,
+                                           optimized=not light)
             if built:  # the rewrite's transient copies and graph-surgeon's reference cycles
                 release_freed_memory()
             return self._keep(key, sess, cost, keys, build, unoptimized=light)
@@ -172,8 +168,7 @@ class Engine:
     def _keep(self, key, sess, cost: int, keys: set, build, unoptimized: bool = False):
         rebuild = functools.partial(build, self.model.canonical)
         sess.unoptimized = unoptimized
-        sess.graph_key = key
-        self._builders[key] = build
+        sess.graph_key, sess.graph_build = key, build  # run_session makes the optimised session from them
         self._sessions[key] = (sess, [o.name for o in sess.get_outputs()], rebuild)
         self.session_bytes[key] = cost
         self._weight_keys[key] = keys
@@ -188,7 +183,6 @@ class Engine:
         if hit is None:
             return None
         graph, weights_file = hit
-        ort = import_onnxruntime()
         try:
             proto = optimized.load(onnx.load_from_string(graph), weights_file, self.model.weights,
                                    weights_file.stem)
@@ -197,10 +191,9 @@ class Engine:
         keys = placeholder_keys(proto)
         # what onnxruntime made of the weights is mapped from the entry's weight file; nothing is copied
         own = sum(self.model.weights.arrays[k].nbytes for k in keys if k.startswith("derived/optimized/"))
-        opts = session_options(self.threads)
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done when it was saved
-        try:
-            sess, cost = self._new_session(key, proto, opts, own, optimized=False)
+        try:  # optimised when it was saved
+            sess, cost = self._new_session(key, proto, session_options(self.threads, optimized=False), own,
+                                           optimized=False)
         except UnsupportedModelError:
             self.model.weights.drop(keys)
             return None
@@ -215,8 +208,7 @@ class Engine:
         if not model_fails:
             try:
                 ort = import_onnxruntime()
-                opts = session_options(self.threads)
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                opts = session_options(self.threads, optimized=False)
                 data, _ = ort_model(clone(self.model.canonical), opts, self.model.weights, optimized=False)
                 ort.InferenceSession(data, opts, providers=self._providers)
             except Exception as plain:  # noqa: BLE001 - onnxruntime's errors have no common base
@@ -313,7 +305,7 @@ class Engine:
         if getattr(sess, "unoptimized", False) and not self._unoptimized_tier(sess.graph_key, n):
             key = sess.graph_key  # many images: optimise first
             self._unoptimized[key] = max(self._unoptimized.get(key, 0), self.optimize_after)
-            sess = self.session(key, self._builders[key])[0]
+            sess = self.session(key, sess.graph_build)[0]
         targets = np.full(n, -1, np.int64) if targets is None else np.asarray(targets, np.int64)
         batch_size = self.fit_batch(batch_size, x.shape[2:], backward=backward)
         results: dict[str, list] = {k: [] for k in wanted}
